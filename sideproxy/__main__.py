@@ -1,0 +1,3 @@
+from sideproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,529 @@
+"""The shared contract: CRD spec/status models and the routing table.
+
+Both the operator (which writes the routing table) and the proxy (which reads it) import this
+module, and nothing else of each other. The CRD YAML in ``crds/`` is generated from these models
+(``python -m sideproxy.crdgen``), so the three forms of the schema cannot drift.
+
+Field descriptions here are the ones ``kubectl explain`` prints: keep them useful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "sideproxy.dev"
+API_VERSION = "v1alpha1"
+TABLE_FORMAT = 1
+# A ConfigMap holds at most 1 MiB (etcd's object limit); leave room for metadata.
+TABLE_SIZE_LIMIT = 1_000_000
+TABLE_DATA_KEY = "table.json"
+# Data key in the key-material Secret that holds the pool's virtual keys, one per line.
+VIRTUAL_KEYS_DATA_KEY = "virtual-keys"
+
+
+class Provider(StrEnum):
+    """The providers Side Proxy knows how to authenticate against."""
+
+    GROQ = "groq"
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    TOGETHER = "together"
+    MISTRAL = "mistral"
+    DEEPSEEK = "deepseek"
+    OPENROUTER = "openrouter"
+    FIREWORKS = "fireworks"
+    CUSTOM = "custom"
+
+
+# Default upstream base URLs. The proxy appends the client's path after ``/v1`` to these.
+DEFAULT_BASE_URLS: dict[Provider, str] = {
+    Provider.GROQ: "https://api.groq.com/openai/v1",
+    Provider.OPENAI: "https://api.openai.com/v1",
+    Provider.ANTHROPIC: "https://api.anthropic.com/v1",
+    Provider.TOGETHER: "https://api.together.xyz/v1",
+    Provider.MISTRAL: "https://api.mistral.ai/v1",
+    Provider.DEEPSEEK: "https://api.deepseek.com/v1",
+    Provider.OPENROUTER: "https://openrouter.ai/api/v1",
+    Provider.FIREWORKS: "https://api.fireworks.ai/inference/v1",
+}
+
+
+class KeyPhase(StrEnum):
+    """What ``kubectl get poolkeys`` shows in the STATE column."""
+
+    READY = "Ready"
+    COOLING_DOWN = "CoolingDown"
+    REVOKED = "Revoked"
+    INVALID = "Invalid"
+    DISABLED = "Disabled"
+
+
+class Strategy(StrEnum):
+    WEIGHTED = "weighted"
+    ROUND_ROBIN = "round-robin"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The Kubernetes (camelCase) form, without unset optionals."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------- CreditPool spec
+
+
+class SecretKeyRef(_Model):
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=253, description="Name of a Secret in the same namespace."),
+    ]
+    key: Annotated[
+        str,
+        Field(min_length=1, max_length=253, description="Data key inside that Secret."),
+    ]
+
+
+class ProviderEndpoint(_Model):
+    # CEL: a custom provider has no built-in URL, so it must name one.
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "self.name != 'custom' || has(self.baseURL)",
+            "message": "a custom provider needs a baseURL",
+        }
+    ]
+
+    name: Annotated[Provider, Field(description="Provider served by this pool.")]
+    base_url: Annotated[
+        str | None,
+        Field(
+            default=None,
+            alias="baseURL",
+            pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+            max_length=2048,
+            description=(
+                "Upstream base URL up to and including the API version, e.g. "
+                "https://api.groq.com/openai/v1. Defaults to the provider's public endpoint; "
+                "required for 'custom'."
+            ),
+        ),
+    ]
+
+    @model_validator(mode="after")
+    def _custom_needs_url(self) -> ProviderEndpoint:
+        if self.name is Provider.CUSTOM and not self.base_url:
+            raise ValueError("a custom provider needs a baseURL")
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.base_url or DEFAULT_BASE_URLS[self.name]
+
+
+class CooldownPolicy(_Model):
+    default_seconds: Annotated[
+        float,
+        Field(
+            default=60.0,
+            ge=0.1,
+            le=86400,
+            description="Cool-down after a 429 whose response carries no rate-limit reset header.",
+        ),
+    ]
+    max_seconds: Annotated[
+        float,
+        Field(
+            default=3600.0,
+            ge=1,
+            le=86400,
+            description="Upper bound on any cool-down, whatever the provider's headers say.",
+        ),
+    ]
+
+
+class RetryPolicy(_Model):
+    max_attempts: Annotated[
+        int,
+        Field(
+            default=4,
+            ge=1,
+            le=20,
+            description="Upstream attempts per client request (first try included).",
+        ),
+    ]
+    total_timeout_seconds: Annotated[
+        float,
+        Field(
+            default=120.0,
+            gt=0,
+            le=3600,
+            description="Deadline for all attempts of one request before its first byte is sent.",
+        ),
+    ]
+
+
+class Timeouts(_Model):
+    connect_seconds: Annotated[
+        float, Field(default=5.0, gt=0, le=300, description="TCP + TLS connect to a provider.")
+    ]
+    first_byte_seconds: Annotated[
+        float,
+        Field(
+            default=120.0,
+            gt=0,
+            le=3600,
+            description="From request sent to response headers (models can think for a while).",
+        ),
+    ]
+    idle_stream_seconds: Annotated[
+        float,
+        Field(
+            default=120.0,
+            gt=0,
+            le=3600,
+            description="Longest silence between two chunks of a streamed response.",
+        ),
+    ]
+    total_seconds: Annotated[
+        float,
+        Field(default=900.0, gt=0, le=86400, description="Whole request, stream included."),
+    ]
+
+
+class BreakerPolicy(_Model):
+    failure_threshold: Annotated[
+        int,
+        Field(
+            default=5,
+            ge=1,
+            le=1000,
+            description="Consecutive 5xx, connect errors or timeouts that open a key's breaker.",
+        ),
+    ]
+    backoff_seconds: Annotated[
+        float,
+        Field(
+            default=10.0,
+            gt=0,
+            le=3600,
+            description="Open time before the first half-open probe; doubles on each failed probe.",
+        ),
+    ]
+    max_backoff_seconds: Annotated[
+        float,
+        Field(default=300.0, gt=0, le=86400, description="Cap on the doubled back-off."),
+    ]
+
+
+class ClientAuth(_Model):
+    secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(
+            default=None,
+            description=(
+                "Secret data key holding the virtual keys that clients present, one per line "
+                "(or comma-separated). Clients send one as 'Authorization: Bearer <key>' or "
+                "'x-api-key'."
+            ),
+        ),
+    ]
+    disabled: Annotated[
+        bool,
+        Field(
+            default=False,
+            description="Accept clients without a virtual key. Only for trusted networks.",
+        ),
+    ]
+
+
+class CreditPoolSpec(_Model):
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "self.providers.exists(p, p.name == self.defaultProvider)",
+            "message": "defaultProvider must be one of providers[].name",
+        },
+        {
+            "rule": "self.providers.all(p, self.providers.exists_one(q, q.name == p.name))",
+            "message": "each provider may appear once in providers",
+        },
+        {
+            "rule": "self.clientAuth.disabled || has(self.clientAuth.secretRef)",
+            "message": "clientAuth needs a secretRef unless clientAuth.disabled is true",
+        },
+    ]
+
+    default_provider: Annotated[
+        Provider,
+        Field(
+            default=Provider.GROQ,
+            description="Provider for requests under /v1/... that carry no provider prefix.",
+        ),
+    ]
+    providers: Annotated[
+        list[ProviderEndpoint],
+        Field(
+            default_factory=lambda: [ProviderEndpoint(name=Provider.GROQ)],
+            min_length=1,
+            max_length=16,
+            description="Providers this pool serves; /<provider>/v1/... selects one explicitly.",
+        ),
+    ]
+    strategy: Annotated[
+        Strategy,
+        Field(
+            default=Strategy.WEIGHTED,
+            description="Selection inside a tier: 'weighted' (smooth weighted round-robin) or "
+            "'round-robin' (weights ignored).",
+        ),
+    ]
+    cooldown: Annotated[
+        CooldownPolicy,
+        Field(default_factory=CooldownPolicy, description="How long a rate-limited key rests."),
+    ]
+    retry: Annotated[
+        RetryPolicy,
+        Field(default_factory=RetryPolicy, description="Retry budget on 429, 5xx and errors."),
+    ]
+    timeouts: Annotated[
+        Timeouts, Field(default_factory=Timeouts, description="Upstream timeouts.")
+    ]
+    breaker: Annotated[
+        BreakerPolicy,
+        Field(default_factory=BreakerPolicy, description="Per-key circuit breaker."),
+    ]
+    client_auth: Annotated[
+        ClientAuth,
+        Field(
+            default_factory=lambda: ClientAuth(disabled=True),
+            description="Virtual keys that clients of the proxy must present.",
+        ),
+    ]
+
+    # The same rules as cel_rules, for pool files that never meet an API server.
+    @model_validator(mode="after")
+    def _consistent(self) -> CreditPoolSpec:
+        names = [p.name for p in self.providers]
+        if self.default_provider not in names:
+            raise ValueError("defaultProvider must be one of providers[].name")
+        if len(names) != len(set(names)):
+            raise ValueError("each provider may appear once in providers")
+        if not self.client_auth.disabled and self.client_auth.secret_ref is None:
+            raise ValueError("clientAuth needs a secretRef unless clientAuth.disabled is true")
+        return self
+
+
+# --------------------------------------------------------------------------- PoolKey spec
+
+
+class PoolKeySpec(_Model):
+    pool: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=253,
+            description="Name of the CreditPool (same namespace) this key belongs to.",
+        ),
+    ]
+    provider: Annotated[
+        Provider,
+        Field(default=Provider.GROQ, description="Provider this key authenticates against."),
+    ]
+    secret_ref: Annotated[
+        SecretKeyRef, Field(description="Where the API key value lives. Never inline it.")
+    ]
+    tier: Annotated[
+        int,
+        Field(
+            default=0,
+            ge=0,
+            le=9,
+            description="0 is first choice; higher tiers take traffic only when every key of "
+            "the lower tiers is unavailable.",
+        ),
+    ]
+    weight: Annotated[
+        int,
+        Field(
+            default=1,
+            ge=0,
+            le=1000,
+            description="Share of the tier's traffic; 0 keeps the key configured but idle.",
+        ),
+    ]
+    quota_scope: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=253,
+            description="Keys with the same scope share one provider quota (one organisation) "
+            "and cool down together.",
+        ),
+    ]
+    disabled: Annotated[
+        bool, Field(default=False, description="Take the key out of rotation.")
+    ]
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(_Model):
+    type: Annotated[str, Field(description="Condition type, e.g. Ready.")]
+    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True/False/Unknown.")]
+    reason: Annotated[str, Field(description="CamelCase reason for the last transition.")]
+    message: Annotated[str, Field(default="", description="Human-readable detail.")]
+    last_transition_time: Annotated[
+        str, Field(description="When status last changed (RFC 3339).")
+    ]
+    observed_generation: Annotated[
+        int | None, Field(default=None, description="metadata.generation this was computed for.")
+    ]
+
+
+_CONDITIONS_FIELD: Any = Field(
+    default_factory=list,
+    description="Current conditions, keyed by type.",
+    json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+)
+
+
+class PoolKeyStatus(_Model):
+    phase: Annotated[
+        KeyPhase | None, Field(default=None, description="Ready, CoolingDown, Revoked, Invalid "
+                               "or Disabled.")
+    ]
+    cooldown_until: Annotated[
+        str | None,
+        Field(default=None, description="End of the current cool-down (RFC 3339)."),
+    ]
+    last_rate_limited: Annotated[
+        str | None,
+        Field(default=None, description="When a proxy last reported a 429 (RFC 3339)."),
+    ]
+    rate_limited_count: Annotated[
+        int, Field(default=0, ge=0, description="429s reported by proxies since creation.")
+    ]
+    fingerprint: Annotated[
+        str | None,
+        Field(default=None, description="First 8 hex digits of the key's SHA-256."),
+    ]
+    message: Annotated[str | None, Field(default=None, description="Why the key is not Ready.")]
+    observed_generation: Annotated[
+        int | None, Field(default=None, description="metadata.generation last reconciled.")
+    ]
+    conditions: Annotated[list[Condition], _CONDITIONS_FIELD]
+
+
+class CreditPoolStatus(_Model):
+    ready: Annotated[
+        Literal["True", "False"] | None,
+        Field(default=None, description="Whether the pool has at least one usable key."),
+    ]
+    keys_ready: Annotated[int, Field(default=0, ge=0, description="Keys in rotation.")]
+    keys_total: Annotated[int, Field(default=0, ge=0, description="Keys that name this pool.")]
+    keys_cooling: Annotated[int, Field(default=0, ge=0, description="Keys cooling down.")]
+    keys_invalid: Annotated[
+        int, Field(default=0, ge=0, description="Keys that are Invalid or Revoked.")
+    ]
+    keys_summary: Annotated[
+        str | None, Field(default=None, description="'ready/total', for the printer column.")
+    ]
+    table_version: Annotated[
+        int | None, Field(default=None, description="Version of the routing table last written.")
+    ]
+    table_hash: Annotated[
+        str | None, Field(default=None, description="Content hash of that routing table.")
+    ]
+    observed_generation: Annotated[
+        int | None, Field(default=None, description="metadata.generation last reconciled.")
+    ]
+    conditions: Annotated[list[Condition], _CONDITIONS_FIELD]
+
+
+# --------------------------------------------------------------------------- routing table
+
+
+class KeyState(StrEnum):
+    """A key's state as the routing table carries it to every proxy replica."""
+
+    READY = "ready"
+    COOLING = "cooling"
+    REVOKED = "revoked"
+
+
+class TableKey(_Model):
+    name: str = Field(min_length=1, description="PoolKey name; also its data key in the Secret.")
+    provider: Provider
+    tier: int = Field(ge=0, le=9)
+    weight: int = Field(ge=0, le=1000)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
+    quota_scope: str | None = None
+    state: KeyState = KeyState.READY
+    # Unix time. A proxy keeps the key out of rotation until then (it may know a later deadline).
+    cooldown_until: float | None = None
+
+
+class TableSettings(_Model):
+    default_provider: Provider = Provider.GROQ
+    base_urls: dict[Provider, str] = Field(default_factory=dict)
+    strategy: Strategy = Strategy.WEIGHTED
+    cooldown: CooldownPolicy = Field(default_factory=CooldownPolicy)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    client_auth_required: bool = False
+
+
+class RoutingTable(_Model):
+    """What the operator writes to the pool's ConfigMap and every proxy replica serves from.
+
+    Never carries key material: only names and fingerprints. ``hash`` covers everything but
+    ``version`` and ``hash`` itself, so a writer can compare before writing.
+    """
+
+    format: int = TABLE_FORMAT
+    pool: str
+    namespace: str = ""
+    version: int = Field(default=0, ge=0)
+    hash: str = ""
+    settings: TableSettings = Field(default_factory=TableSettings)
+    keys: list[TableKey] = Field(default_factory=list)
+
+    def content_hash(self) -> str:
+        body = self.model_dump(by_alias=True, mode="json", exclude={"version", "hash"})
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def sealed(self, version: int) -> RoutingTable:
+        """This table with its version set and its hash computed."""
+        return self.model_copy(update={"version": version, "hash": self.content_hash()})
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RoutingTable:
+        """Parse and verify a table; raises ``ValueError`` for anything a proxy must not load."""
+        table = cls.model_validate_json(text)
+        if table.format != TABLE_FORMAT:
+            raise ValueError(f"routing table format {table.format} is not {TABLE_FORMAT}")
+        if table.hash != table.content_hash():
+            raise ValueError("routing table hash does not match its content")
+        names = [key.name for key in table.keys]
+        if len(names) != len(set(names)):
+            raise ValueError("routing table names a key twice")
+        return table
+
+
+def fingerprint(secret: str) -> str:
+    """The short, non-reversible name of a key value that may appear anywhere."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]

@@ -1,0 +1,318 @@
+"""Pure translation: CreditPool + PoolKeys + Secrets -> routing table + key material.
+
+The operator runs this on cluster objects; ``sideproxy serve --file`` runs it on the same
+manifests read from YAML, so standalone and cluster modes cannot disagree about what a pool means.
+No I/O and no clock: ``now`` is an argument.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from sideproxy.models import (
+    API_GROUP,
+    TABLE_SIZE_LIMIT,
+    VIRTUAL_KEYS_DATA_KEY,
+    CreditPoolSpec,
+    KeyPhase,
+    KeyState,
+    PoolKeySpec,
+    PoolKeyStatus,
+    Provider,
+    RoutingTable,
+    TableKey,
+    TableSettings,
+    fingerprint,
+)
+
+SecretData = Mapping[str, Mapping[str, str]]  # Secret name -> decoded data
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInput:
+    name: str
+    namespace: str
+    spec: CreditPoolSpec
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInput:
+    name: str
+    spec: PoolKeySpec
+    status: PoolKeyStatus | None = None
+    generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVerdict:
+    """What the operator writes to one PoolKey's status."""
+
+    phase: KeyPhase
+    reason: str
+    message: str
+    fingerprint: str | None = None
+    cooldown_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    table: RoutingTable  # unsealed: version 0, no hash
+    material: dict[str, str] = field(repr=False)  # Secret data key -> value; never log this
+    verdicts: dict[str, KeyVerdict]
+    problems: list[str]  # pool-level: each one a sentence for a condition message
+
+    @property
+    def usable_keys(self) -> int:
+        return sum(1 for key in self.table.keys if key.state is KeyState.READY and key.weight > 0)
+
+
+def translate(
+    pool: PoolInput, keys: Iterable[KeyInput], secrets: SecretData, now: float
+) -> Translation:
+    spec = pool.spec
+    served = {endpoint.name for endpoint in spec.providers}
+    material: dict[str, str] = {}
+    verdicts: dict[str, KeyVerdict] = {}
+    table_keys: list[TableKey] = []
+    problems: list[str] = []
+    owner_of_value: dict[str, str] = {}
+
+    for key in sorted(keys, key=lambda k: k.name):
+        if key.spec.pool != pool.name:
+            continue
+        if key.spec.disabled:
+            verdicts[key.name] = KeyVerdict(KeyPhase.DISABLED, "Disabled", "spec.disabled is true")
+            continue
+        if key.spec.provider not in served:
+            verdicts[key.name] = _invalid(
+                "ProviderNotServed",
+                f"provider {key.spec.provider.value!r} is not in CreditPool "
+                f"{pool.name!r} spec.providers",
+            )
+            continue
+        value, problem = _resolve(secrets, key.spec.secret_ref.name, key.spec.secret_ref.key)
+        if value is None:
+            verdicts[key.name] = _invalid("SecretNotResolved", problem)
+            continue
+        print_ = fingerprint(value)
+        if value in owner_of_value:
+            verdicts[key.name] = _invalid(
+                "DuplicateKey",
+                f"holds the same key value as PoolKey {owner_of_value[value]!r}",
+                print_,
+            )
+            continue
+        owner_of_value[value] = key.name
+        material[key.name] = value
+
+        state, until = _health(key, print_, now)
+        if state is KeyState.REVOKED:
+            verdict = KeyVerdict(
+                KeyPhase.REVOKED, "Unauthorized",
+                "the provider rejected this key (401/403); change the Secret or spec to retry",
+                print_,
+            )
+        elif state is KeyState.COOLING:
+            verdict = KeyVerdict(
+                KeyPhase.COOLING_DOWN, "RateLimited", "cooling down after a 429", print_, until
+            )
+        else:
+            verdict = KeyVerdict(KeyPhase.READY, "Ready", "in rotation", print_)
+        verdicts[key.name] = verdict
+        table_keys.append(
+            TableKey(
+                name=key.name,
+                provider=key.spec.provider,
+                tier=key.spec.tier,
+                weight=key.spec.weight,
+                fingerprint=print_,
+                quota_scope=key.spec.quota_scope,
+                state=state,
+                cooldown_until=until,
+            )
+        )
+
+    auth = spec.client_auth
+    if not auth.disabled and auth.secret_ref is not None:
+        virtual, problem = _resolve(secrets, auth.secret_ref.name, auth.secret_ref.key)
+        if virtual is None:
+            problems.append(f"clientAuth: {problem}; every client will be refused")
+        else:
+            material[VIRTUAL_KEYS_DATA_KEY] = virtual
+
+    table = RoutingTable(
+        pool=pool.name,
+        namespace=pool.namespace,
+        settings=TableSettings(
+            default_provider=spec.default_provider,
+            base_urls={endpoint.name: endpoint.url for endpoint in spec.providers},
+            strategy=spec.strategy,
+            cooldown=spec.cooldown,
+            retry=spec.retry,
+            timeouts=spec.timeouts,
+            breaker=spec.breaker,
+            client_auth_required=not auth.disabled,
+        ),
+        keys=table_keys,
+    )
+    size = len(table.sealed(1).to_json())
+    if size > TABLE_SIZE_LIMIT:
+        problems.append(
+            f"routing table is {size} bytes, over the {TABLE_SIZE_LIMIT}-byte ConfigMap limit; "
+            "split the pool"
+        )
+    if not any(k.state is KeyState.READY and k.weight > 0 for k in table_keys):
+        problems.append("no usable key: every PoolKey is missing, invalid, disabled or resting")
+    return Translation(table, material, verdicts, problems)
+
+
+def _invalid(reason: str, message: str, print_: str | None = None) -> KeyVerdict:
+    return KeyVerdict(KeyPhase.INVALID, reason, message, print_)
+
+
+def _resolve(secrets: SecretData, name: str, key: str) -> tuple[str | None, str]:
+    data = secrets.get(name)
+    if data is None:
+        return None, f"Secret {name!r} not found"
+    if key not in data:
+        return None, f"Secret {name!r} has no key {key!r}"
+    value = data[key].strip()
+    if not value:
+        return None, f"Secret {name!r} key {key!r} is empty"
+    return value, ""
+
+
+def _health(key: KeyInput, print_: str, now: float) -> tuple[KeyState, float | None]:
+    """Carry proxy-reported health from PoolKey status into the table.
+
+    A revocation holds while the key is exactly as it was when revoked (same value, same
+    generation); editing the Secret or the spec gives the key a fresh chance.
+    """
+    status = key.status
+    if status is None:
+        return KeyState.READY, None
+    if (
+        status.phase is KeyPhase.REVOKED
+        and status.fingerprint == print_
+        and status.observed_generation == key.generation
+    ):
+        return KeyState.REVOKED, None
+    until = parse_time(status.cooldown_until)
+    if until is not None and until > now:
+        return KeyState.COOLING, until
+    return KeyState.READY, None
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+class ManifestError(ValueError):
+    """A pool file (or set of manifests) that cannot become a routing table."""
+
+
+def from_manifests(
+    documents: Iterable[Mapping[str, Any] | None], pool_name: str | None = None
+) -> tuple[PoolInput, list[KeyInput], dict[str, dict[str, str]]]:
+    """Split ``kubectl apply``-style manifests into translate()'s inputs.
+
+    Raises ManifestError with a message naming the object and field at fault.
+    """
+    pools: list[PoolInput] = []
+    keys: list[KeyInput] = []
+    secrets: dict[str, dict[str, str]] = {}
+    for doc in documents:
+        if not doc:
+            continue
+        kind = doc.get("kind")
+        meta = doc.get("metadata") or {}
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"a {kind or 'document'} has no metadata.name")
+        where = f"{kind} {name!r}"
+        api_version = str(doc.get("apiVersion", ""))
+        try:
+            if kind == "Secret":
+                secrets[name] = _secret_data(doc, where)
+            elif kind == "CreditPool" and api_version.startswith(API_GROUP + "/"):
+                spec = CreditPoolSpec.model_validate(doc.get("spec") or {})
+                pools.append(PoolInput(name, str(meta.get("namespace", "")), spec))
+            elif kind == "PoolKey" and api_version.startswith(API_GROUP + "/"):
+                keys.append(KeyInput(name, PoolKeySpec.model_validate(doc.get("spec") or {})))
+            else:
+                raise ManifestError(f"{where}: unsupported apiVersion/kind {api_version}/{kind}")
+        except ValidationError as exc:
+            raise ManifestError(f"{where}: {_explain(exc)}") from None
+    if pool_name is not None:
+        pools = [p for p in pools if p.name == pool_name]
+    if len(pools) != 1:
+        wanted = f" named {pool_name!r}" if pool_name else ""
+        raise ManifestError(f"expected exactly one CreditPool{wanted}, found {len(pools)}")
+    return pools[0], keys, secrets
+
+
+def _secret_data(doc: Mapping[str, Any], where: str) -> dict[str, str]:
+    data: dict[str, str] = {}
+    for key, value in (doc.get("data") or {}).items():
+        try:
+            data[str(key)] = base64.b64decode(str(value), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise ManifestError(f"{where}: data.{key} is not base64 of UTF-8 text") from None
+    for key, value in (doc.get("stringData") or {}).items():
+        data[str(key)] = str(value)
+    return data
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in error["loc"])
+        parts.append(f"spec.{loc}: {error['msg']}" if loc else error["msg"])
+    return "; ".join(parts)
+
+
+def from_env_keys(
+    values: Iterable[str],
+    provider: Provider = Provider.GROQ,
+    base_url: str | None = None,
+) -> Translation:
+    """The seed's ``SIDE_POOL_KEYS="k1,k2"``: one tier, equal weights, keys named key-1..N.
+
+    Client auth is enforced by the proxy's own settings in this mode, so the table says none.
+    """
+    try:
+        spec = CreditPoolSpec.model_validate(
+            {
+                "defaultProvider": provider,
+                "providers": [{"name": provider, "baseURL": base_url}],
+                "clientAuth": {"disabled": True},
+            }
+        )
+    except ValidationError as exc:
+        raise ManifestError(f"SIDE_POOL_PROVIDER / SIDE_POOL_BASE_URL: {_explain(exc)}") from None
+    secret = {f"key-{i}": v for i, v in enumerate((v.strip() for v in values if v.strip()), 1)}
+    keys = [
+        KeyInput(
+            name,
+            PoolKeySpec.model_validate(
+                {"pool": "env", "provider": provider, "secretRef": {"name": "env", "key": name}}
+            ),
+        )
+        for name in secret
+    ]
+    return translate(PoolInput("env", "", spec), keys, {"env": secret}, now=0.0)
