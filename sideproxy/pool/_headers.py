@@ -1,0 +1,193 @@
+"""Reading providers' rate-limit headers into deadlines and headroom.
+
+Every parser returns ``None`` for anything it does not understand instead of raising: a provider
+that sends garbage must never break the request path, only fall back to the pool's default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
+# One Go duration component: "1.5h", "6m", "0s", "12ms", "250us".
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_MAX_HEADER = 64  # longer values are not rate-limit headers; don't spend regex time on them
+
+RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+ANTHROPIC_DIMENSIONS = ("requests", "tokens", "input-tokens", "output-tokens")
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def parse_seconds(value: str) -> float | None:
+    """A plain number of seconds, as ``retry-after: 7`` (fractions tolerated)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return _finite(seconds)
+
+
+def parse_go_duration(value: str) -> float | None:
+    """Go's ``time.Duration`` text (OpenAI/Groq ``x-ratelimit-reset-*``): ``6m0s``, ``1.2s``."""
+    value = value.strip()
+    if not value or len(value) > _MAX_HEADER:
+        return None
+    if value in ("0", "+0", "-0"):
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _GO_PART.finditer(value):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(value):
+        # Some providers send bare seconds here ("1.5"); accept that too.
+        return parse_seconds(value) if pos == 0 else None
+    return _finite(total)
+
+
+def parse_http_date(value: str, now: float) -> float | None:
+    """``retry-after`` as an HTTP-date; returns seconds from ``now``."""
+    if len(value) > _MAX_HEADER:
+        return None
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return _finite(moment.timestamp() - now)
+
+
+def parse_rfc3339(value: str, now: float) -> float | None:
+    """Anthropic's ``anthropic-ratelimit-*-reset``; returns seconds from ``now``."""
+    if len(value) > _MAX_HEADER:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    try:
+        return _finite(moment.timestamp() - now)
+    except (OverflowError, OSError):
+        return None
+
+
+def parse_retry_after(value: str, now: float) -> float | None:
+    seconds = parse_seconds(value)
+    return seconds if seconds is not None else parse_http_date(value, now)
+
+
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None or len(raw) > _MAX_HEADER:
+        return None
+    return parse_seconds(raw)
+
+
+def retry_delay(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds until the provider says this key may be used again, if it says so at all.
+
+    ``retry-after-ms`` and ``retry-after`` are explicit answers and win. Otherwise the reset of
+    whichever budget is exhausted (remaining == 0); if none is known to be exhausted, the latest
+    reset announced.
+    """
+    raw = headers.get("retry-after-ms")
+    if raw is not None:
+        ms = parse_seconds(raw)
+        if ms is not None:
+            return ms / 1000.0
+    raw = headers.get("retry-after")
+    if raw is not None:
+        seconds = parse_retry_after(raw, now)
+        if seconds is not None:
+            return seconds
+
+    exhausted: list[float] = []
+    announced: list[float] = []
+    for dimension in ("requests", "tokens"):
+        raw = headers.get(f"x-ratelimit-reset-{dimension}")
+        if raw is None:
+            continue
+        delay = parse_go_duration(raw)
+        if delay is None:
+            continue
+        announced.append(delay)
+        if _number(headers, f"x-ratelimit-remaining-{dimension}") == 0:
+            exhausted.append(delay)
+    for dimension in ANTHROPIC_DIMENSIONS:
+        raw = headers.get(f"anthropic-ratelimit-{dimension}-reset")
+        if raw is None:
+            continue
+        delay = parse_rfc3339(raw, now)
+        if delay is None:
+            continue
+        announced.append(delay)
+        if _number(headers, f"anthropic-ratelimit-{dimension}-remaining") == 0:
+            exhausted.append(delay)
+    if exhausted:
+        return max(exhausted)
+    if announced:
+        return max(announced)
+    return None
+
+
+def headroom_exhausted_until(
+    headers: Mapping[str, str], now: float, floor: int, fraction: float, fallback: float
+) -> float | None:
+    """If a budget in a successful response is nearly spent, when it refills (unix time).
+
+    "Nearly spent": remaining <= ``floor`` for requests, or remaining <= ``fraction`` of the
+    announced limit for any budget. ``None`` means the key has headroom (or nothing was said).
+    """
+    until: float | None = None
+    for prefix, reset_parser, dimensions in (
+        ("x-ratelimit-", _go_reset, ("requests", "tokens")),
+        ("anthropic-ratelimit-", _rfc_reset, ANTHROPIC_DIMENSIONS),
+    ):
+        for dimension in dimensions:
+            if prefix == "x-ratelimit-":
+                remaining = _number(headers, f"{prefix}remaining-{dimension}")
+                limit = _number(headers, f"{prefix}limit-{dimension}")
+                reset_raw = headers.get(f"{prefix}reset-{dimension}")
+            else:
+                remaining = _number(headers, f"{prefix}{dimension}-remaining")
+                limit = _number(headers, f"{prefix}{dimension}-limit")
+                reset_raw = headers.get(f"{prefix}{dimension}-reset")
+            if remaining is None:
+                continue
+            low = (dimension == "requests" and remaining <= floor) or (
+                limit is not None and limit > 0 and remaining <= limit * fraction
+            )
+            if not low:
+                continue
+            delay = reset_parser(reset_raw, now) if reset_raw is not None else None
+            deadline = now + (delay if delay is not None and delay > 0 else fallback)
+            until = deadline if until is None else max(until, deadline)
+    return until
+
+
+def _go_reset(raw: str, now: float) -> float | None:
+    return parse_go_duration(raw)
+
+
+def _rfc_reset(raw: str, now: float) -> float | None:
+    return parse_rfc3339(raw, now)
