@@ -157,31 +157,26 @@ def headroom_exhausted_until(
 
     "Nearly spent": remaining <= ``floor`` for requests, or remaining <= ``fraction`` of the
     announced limit for any budget. ``None`` means the key has headroom (or nothing was said).
+    This runs on every successful response, so the header names are precomputed.
     """
     until: float | None = None
-    for prefix, reset_parser, dimensions in (
-        ("x-ratelimit-", _go_reset, ("requests", "tokens")),
-        ("anthropic-ratelimit-", _rfc_reset, ANTHROPIC_DIMENSIONS),
-    ):
-        for dimension in dimensions:
-            if prefix == "x-ratelimit-":
-                remaining = _number(headers, f"{prefix}remaining-{dimension}")
-                limit = _number(headers, f"{prefix}limit-{dimension}")
-                reset_raw = headers.get(f"{prefix}reset-{dimension}")
-            else:
-                remaining = _number(headers, f"{prefix}{dimension}-remaining")
-                limit = _number(headers, f"{prefix}{dimension}-limit")
-                reset_raw = headers.get(f"{prefix}{dimension}-reset")
-            if remaining is None:
-                continue
-            low = (dimension == "requests" and remaining <= floor) or (
-                limit is not None and limit > 0 and remaining <= limit * fraction
-            )
-            if not low:
-                continue
-            delay = reset_parser(reset_raw, now) if reset_raw is not None else None
-            deadline = now + (delay if delay is not None and delay > 0 else fallback)
-            until = deadline if until is None else max(until, deadline)
+    for remaining_name, limit_name, reset_name, counts_requests, parse_reset in _BUDGETS:
+        raw = headers.get(remaining_name)
+        if raw is None:
+            continue
+        remaining = parse_seconds(raw) if len(raw) <= _MAX_HEADER else None
+        if remaining is None:
+            continue
+        limit = _number(headers, limit_name)
+        low = (counts_requests and remaining <= floor) or (
+            limit is not None and limit > 0 and remaining <= limit * fraction
+        )
+        if not low:
+            continue
+        reset_raw = headers.get(reset_name)
+        delay = parse_reset(reset_raw, now) if reset_raw is not None else None
+        deadline = now + (delay if delay is not None and delay > 0 else fallback)
+        until = deadline if until is None else max(until, deadline)
     return until
 
 
@@ -191,3 +186,27 @@ def _go_reset(raw: str, now: float) -> float | None:
 
 def _rfc_reset(raw: str, now: float) -> float | None:
     return parse_rfc3339(raw, now)
+
+
+_BUDGETS = tuple(
+    [
+        (
+            f"x-ratelimit-remaining-{d}",
+            f"x-ratelimit-limit-{d}",
+            f"x-ratelimit-reset-{d}",
+            d == "requests",
+            _go_reset,
+        )
+        for d in ("requests", "tokens")
+    ]
+    + [
+        (
+            f"anthropic-ratelimit-{d}-remaining",
+            f"anthropic-ratelimit-{d}-limit",
+            f"anthropic-ratelimit-{d}-reset",
+            d == "requests",
+            _rfc_reset,
+        )
+        for d in ANTHROPIC_DIMENSIONS
+    ]
+)

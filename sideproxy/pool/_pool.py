@@ -1,10 +1,11 @@
 """The ManagedCreditPool: which key serves the next request, and what each answer teaches us.
 
 Selection is stride scheduling (earliest virtual finish time), the heap form of smooth weighted
-round-robin: key *i* is due at virtual times ``base + (n + 1/2) / weight_i``; the pool always
-serves the key due first. Over any ``sum(weights)`` consecutive picks each key gets its weight
-within ±1, equal weights degrade to plain round-robin, and a pick costs O(log n) heap operations
-in C — flat in practice from 10 to 10,000 keys.
+round-robin: key *i* is due at virtual times ``base_i + (n + 1/2) / weight_i`` (bases staggered
+across the tier); the pool always serves the key due first. Over any ``sum(weights)``
+consecutive picks each key gets its weight within ±1, equal weights degrade to plain
+round-robin, and a pick costs O(log n) heap operations in C: flat in practice from 10 to 10,000
+keys.
 
 Unavailable keys are not skipped at pick time: a state change bumps the key's ``token``, which
 turns its heap entries stale (dropped lazily when they surface), and schedules a timer for its
@@ -276,8 +277,17 @@ class ManagedCreditPool:
         self._scopes = scopes
         self._groups = {p: _Group(ks) for p, ks in by_provider.items()}
         self._tier_of = {(p, tier.level): tier for p, g in self._groups.items() for tier in g.tiers}
+        tier_members: dict[tuple[str, int], list[Key]] = {}
         for key in fresh.values():
-            self._place(key, fresh_start=True)
+            tier_members.setdefault((key.provider, key.tier), []).append(key)
+        for members in tier_members.values():
+            # Stagger first due times across the tier, (rank + 1/2) / n of a stride: equal
+            # weights become round-robin in configuration order, and light keys don't bunch
+            # up behind a heavy one.
+            n = len(members)
+            for rank, key in enumerate(members):
+                key.base = key.stride * ((rank + 0.5) / n - 0.5)
+                self._place(key, fresh_start=True)
 
     def providers(self) -> set[str]:
         return set(self._groups)
