@@ -2,7 +2,7 @@
 
 Both the operator (which writes the routing table) and the proxy (which reads it) import this
 module, and nothing else of each other. The CRD YAML in ``crds/`` is generated from these models
-(``python -m sideproxy.crdgen``), so the three forms of the schema cannot drift.
+(``python -m sideproxy.crds --write``), so the three forms of the schema cannot drift.
 
 Field descriptions here are the ones ``kubectl explain`` prints: keep them useful.
 """
@@ -25,6 +25,19 @@ TABLE_SIZE_LIMIT = 1_000_000
 TABLE_DATA_KEY = "table.json"
 # Data key in the key-material Secret that holds the pool's virtual keys, one per line.
 VIRTUAL_KEYS_DATA_KEY = "virtual-keys"
+# Label on everything the operator writes for a pool; its value is the CreditPool's name.
+POOL_LABEL = "sideproxy.dev/pool"
+
+
+def routing_configmap_name(pool: str) -> str:
+    """The ConfigMap holding a pool's routing table under ``TABLE_DATA_KEY``."""
+    return f"{pool}-routing"
+
+
+def key_secret_name(pool: str) -> str:
+    """The Secret holding a pool's key material: one data key per PoolKey name, plus
+    ``VIRTUAL_KEYS_DATA_KEY``."""
+    return f"{pool}-keys"
 
 
 class Provider(StrEnum):

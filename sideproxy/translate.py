@@ -87,6 +87,13 @@ def translate(
     for key in sorted(keys, key=lambda k: k.name):
         if key.spec.pool != pool.name:
             continue
+        if key.name == VIRTUAL_KEYS_DATA_KEY:
+            # The CRD refuses this name; pool files never meet the API server.
+            verdicts[key.name] = _invalid(
+                "ReservedName",
+                f"the name {VIRTUAL_KEYS_DATA_KEY!r} is reserved for the pool's virtual keys",
+            )
+            continue
         if key.spec.disabled:
             verdicts[key.name] = KeyVerdict(KeyPhase.DISABLED, "Disabled", "spec.disabled is true")
             continue
