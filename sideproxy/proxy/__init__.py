@@ -1,0 +1,63 @@
+"""The data plane: an aiohttp reverse proxy that spreads requests over a pool of API keys.
+
+Public surface (pinned by ``tests/proxy/test_public_api.py``)::
+
+    create_app(settings, source, *, on_transitions=None, pool=None, clock=time.time)
+    ProxySettings                       process-level settings (host, port, limits, ...)
+    serve(settings, source, ...)        run until SIGTERM with graceful shutdown
+    sources: ConfigSource, Snapshot, Rejected, EnvSource, FileSource, StaticSource, QueueSource
+    app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
+    errors: ProxyError and error_response (the one OpenAI-shaped error helper)
+
+Routing rule and path safety: see ``sideproxy.proxy._paths``.
+"""
+
+from sideproxy.proxy._app import FORWARDER, METRICS, POOL, RUNTIME, SETTINGS, Runtime, create_app
+from sideproxy.proxy._errors import ProxyError, error_response
+from sideproxy.proxy._forward import TransitionHook
+from sideproxy.proxy._logging import configure_logging
+from sideproxy.proxy._server import new_event_loop, serve
+from sideproxy.proxy._settings import ProxySettings
+from sideproxy.proxy.sources import (
+    ConfigSource,
+    EnvSource,
+    FileSource,
+    QueueSource,
+    Rejected,
+    Snapshot,
+    SourceEvent,
+    SourceUnavailable,
+    StaticSource,
+    cluster_source,
+    load_file,
+    register_cluster_source,
+)
+
+__all__ = [
+    "FORWARDER",
+    "METRICS",
+    "POOL",
+    "RUNTIME",
+    "SETTINGS",
+    "ConfigSource",
+    "EnvSource",
+    "FileSource",
+    "ProxyError",
+    "ProxySettings",
+    "QueueSource",
+    "Rejected",
+    "Runtime",
+    "Snapshot",
+    "SourceEvent",
+    "SourceUnavailable",
+    "StaticSource",
+    "TransitionHook",
+    "cluster_source",
+    "configure_logging",
+    "create_app",
+    "error_response",
+    "load_file",
+    "new_event_loop",
+    "register_cluster_source",
+    "serve",
+]

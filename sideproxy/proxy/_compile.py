@@ -1,0 +1,156 @@
+"""A snapshot from a config source, checked and compiled into the runtime ``Compiled`` object.
+
+``Compiled`` is immutable; the app swaps it in with one attribute assignment, so a request sees
+either the old table or the new one, never a mix. Compilation is all-or-nothing: anything wrong
+raises :class:`CompileError` (a message without key material) before the pool is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from aiohttp import ClientTimeout
+from multidict import istr
+from yarl import URL
+
+from sideproxy.models import DEFAULT_BASE_URLS, VIRTUAL_KEYS_DATA_KEY, KeyState, Provider
+from sideproxy.pool import KeyConfig, PoolPolicy
+from sideproxy.proxy._auth import VirtualKeys, parse_virtual_keys
+from sideproxy.proxy._headers import AUTHORIZATION, X_API_KEY
+from sideproxy.proxy._settings import ProxySettings
+from sideproxy.proxy.sources import Snapshot
+
+__all__ = ["CompileError", "Compiled", "Upstream", "compile_snapshot"]
+
+
+class CompileError(ValueError):
+    """A snapshot the proxy refuses to serve."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    provider: str
+    base: str  # scheme://host[:port]/path, no trailing slash, no userinfo
+    auth_name: istr  # Authorization, or x-api-key for Anthropic
+    auth_prefix: str  # "Bearer " or ""
+    anthropic: bool  # Anthropic's error/event shapes
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    snapshot: Snapshot = field(repr=False)
+    default: Upstream | None
+    upstreams: Mapping[str, Upstream]
+    virtual_keys: VirtualKeys
+    policy: PoolPolicy
+    keys: tuple[KeyConfig, ...] = field(repr=False)
+    cooling: tuple[tuple[str, float], ...]  # table says: key name, cooldown_until
+    revoked: tuple[str, ...]
+    max_attempts: int
+    retry_budget: float
+    first_byte: float
+    idle_stream: float
+    timeout: ClientTimeout  # per attempt: total, connect, and sock_read = first byte
+    connect: float
+    total: float
+    loaded_at: float
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.table.version
+
+
+def _upstream(provider: str, url: str) -> Upstream:
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        raise CompileError(f"base URL of provider {provider!r} is not a URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise CompileError(f"base URL of provider {provider!r} must be http(s)://host/...")
+    if parsed.user is not None or parsed.password is not None:
+        raise CompileError(f"base URL of provider {provider!r} must not carry credentials")
+    if parsed.query_string or parsed.fragment:
+        raise CompileError(f"base URL of provider {provider!r} must not have a query or fragment")
+    anthropic = provider == Provider.ANTHROPIC.value
+    return Upstream(
+        provider=provider,
+        base=str(parsed).rstrip("/"),
+        auth_name=X_API_KEY if anthropic else AUTHORIZATION,
+        auth_prefix="" if anthropic else "Bearer ",
+        anthropic=anthropic,
+    )
+
+
+def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) -> Compiled:
+    table = snapshot.table
+    material = snapshot.material
+    ts = table.settings
+
+    base_urls: dict[str, str] = {p.value: url for p, url in ts.base_urls.items()}
+    for provider in (ts.default_provider, *(key.provider for key in table.keys)):
+        if provider.value not in base_urls:
+            default = DEFAULT_BASE_URLS.get(provider)
+            if default is None:
+                raise CompileError(f"provider {provider.value!r} has no base URL")
+            base_urls[provider.value] = default
+    upstreams = {p: _upstream(p, url) for p, url in base_urls.items()}
+
+    configs: list[KeyConfig] = []
+    cooling: list[tuple[str, float]] = []
+    revoked: list[str] = []
+    for key in table.keys:
+        secret = material.get(key.name)
+        if not secret:
+            # A half-written Secret, or a table newer than its material: do not serve it.
+            raise CompileError(f"key {key.name!r} is in the table but has no key material")
+        configs.append(
+            KeyConfig(
+                name=key.name,
+                provider=key.provider.value,
+                secret=secret,
+                tier=key.tier,
+                weight=key.weight,
+                quota_scope=key.quota_scope,
+            )
+        )
+        if key.state is KeyState.REVOKED:
+            revoked.append(key.name)
+        elif (
+            key.state is KeyState.COOLING
+            and key.cooldown_until is not None
+            and math.isfinite(key.cooldown_until)
+        ):
+            cooling.append((key.name, key.cooldown_until))
+
+    required = ts.client_auth_required or bool(settings.virtual_keys)
+    accepted = list(settings.virtual_keys)
+    if ts.client_auth_required:
+        accepted += parse_virtual_keys(material.get(VIRTUAL_KEYS_DATA_KEY))
+    virtual = VirtualKeys(accepted, required=required)
+
+    timeouts = ts.timeouts
+    return Compiled(
+        snapshot=snapshot,
+        default=upstreams.get(ts.default_provider.value),
+        upstreams=upstreams,
+        virtual_keys=virtual,
+        policy=PoolPolicy.from_settings(ts),
+        keys=tuple(configs),
+        cooling=tuple(cooling),
+        revoked=tuple(revoked),
+        max_attempts=ts.retry.max_attempts,
+        retry_budget=ts.retry.total_timeout_seconds,
+        first_byte=timeouts.first_byte_seconds,
+        idle_stream=timeouts.idle_stream_seconds,
+        timeout=ClientTimeout(
+            total=timeouts.total_seconds,
+            connect=timeouts.connect_seconds,
+            sock_connect=timeouts.connect_seconds,
+            sock_read=timeouts.first_byte_seconds,
+        ),
+        connect=timeouts.connect_seconds,
+        total=timeouts.total_seconds,
+        loaded_at=now,
+    )

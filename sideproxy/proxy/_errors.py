@@ -1,0 +1,125 @@
+"""Errors the proxy itself makes, all in the OpenAI error shape.
+
+Hierarchy::
+
+    ProxyError                      an answer the proxy gives instead of the provider's
+    ├── BadRequest (400)            invalid_request_error: invalid_json, invalid_path, ...
+    ├── Unauthorized (401)          authentication_error: invalid_virtual_key
+    ├── NotFound (404)              invalid_request_error: unknown_provider, unknown_route
+    ├── BodyTooLarge (413)          invalid_request_error: body_too_large
+    ├── NoKeyAvailable (429)        rate_limit_error: no_key_available (+ Retry-After)
+    ├── UpstreamUnreachable (502)   proxy_error: upstream_unreachable
+    ├── NotReady (503)              proxy_error: not_ready (no routing table loaded yet)
+    └── UpstreamTimeout (504)       proxy_error: upstream_timeout
+
+Every one renders through :func:`error_response`, the only place the body shape is written:
+``{"error": {"message": ..., "type": ..., "code": ...}}``. Messages never carry key material.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "NoKeyAvailable",
+    "NotFound",
+    "NotReady",
+    "ProxyError",
+    "Unauthorized",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+    "error_body",
+    "error_response",
+]
+
+_JSON = "application/json"
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "code": code}}, ensure_ascii=False
+    ).encode()
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """The one helper that renders every error the proxy itself makes."""
+    return web.Response(
+        status=status,
+        body=error_body(message, type_, code),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+class ProxyError(Exception):
+    status = 500
+    type_ = "proxy_error"
+    code = "internal_error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.type_, self.code, self.headers)
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type_ = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type_ = "authentication_error"
+    code = "invalid_virtual_key"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type_ = "invalid_request_error"
+    code = "unknown_route"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type_ = "invalid_request_error"
+    code = "body_too_large"
+
+
+class NoKeyAvailable(ProxyError):
+    status = 429
+    type_ = "rate_limit_error"
+    code = "no_key_available"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class NotReady(ProxyError):
+    status = 503
+    code = "not_ready"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"

@@ -1,0 +1,557 @@
+"""The request path: route, authenticate, read the body once, try keys, answer or stream.
+
+Per request::
+
+    parse_target -> virtual key -> provider -> body (size limit, JSON validity)
+    loop (max_attempts, retry budget):
+        key = pool.acquire(provider, now, exclude=tried)      None -> stop
+        send upstream with the key's auth header
+        429 / 401 / 403 / 5xx / connect error / timeout      -> release, next key at once
+        anything else, with a known length <= buffer_limit  -> read whole, answer
+        SSE, unsized or large                               -> stream chunk by chunk, no retry
+    spent: the last provider answer (429 gets the pool's Retry-After), else 502/504, else 429.
+
+401/403 are retried too: they say the *key* is bad (the pool revokes it), not the request.
+Every ``acquire`` is matched by exactly one ``release``, on every path including cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition
+from sideproxy.proxy._errors import (
+    BadRequest,
+    BodyTooLarge,
+    NoKeyAvailable,
+    NotFound,
+    NotReady,
+    ProxyError,
+    Unauthorized,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from sideproxy.proxy._headers import request_headers, response_headers
+from sideproxy.proxy._paths import parse_target
+
+if TYPE_CHECKING:
+    from sideproxy.proxy._compile import Compiled, Upstream
+    from sideproxy.proxy._metrics import Metrics
+    from sideproxy.proxy._settings import ProxySettings
+
+__all__ = ["Forwarder", "TransitionHook"]
+
+TransitionHook = Callable[[list[Transition]], None]
+
+log = logging.getLogger("sideproxy.proxy")
+access_log = logging.getLogger("sideproxy.access")
+
+_RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED, Outcome.SERVER_ERROR})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_INFO = logging.INFO
+_monotonic = time.monotonic
+
+_UNAUTHORIZED = (
+    "missing or invalid virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
+)
+
+
+class _Failure:
+    """A provider answer that made us move on; replayed if no attempt is left."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _Ctx:
+    """What the access log line and the client metric need to know about one request."""
+
+    __slots__ = ("attempts", "client_gone", "key", "provider")
+
+    def __init__(self) -> None:
+        self.provider = "-"
+        self.key: Key | None = None
+        self.attempts = 0
+        self.client_gone = False
+
+
+def _reason(failure: _Failure | ProxyError | None) -> str:
+    if isinstance(failure, _Failure):
+        return str(failure.status)
+    if isinstance(failure, UpstreamTimeout):
+        return "timeout"
+    return "error"
+
+
+class Forwarder:
+    """Holds what the hot path needs; ``compiled`` is swapped whole by the app on reload."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        pool: ManagedCreditPool,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        on_transitions: TransitionHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.clock = clock
+        self.on_transitions = on_transitions
+        self.compiled: Compiled | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._max_body = settings.max_body_size
+        self._buffer_limit = settings.buffer_limit
+        self._access = settings.access_log
+
+    # ------------------------------------------------------------------ entry point
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = _monotonic()
+        ctx = _Ctx()
+        metrics = self.metrics
+        metrics.inflight.inc()
+        status = 499
+        try:
+            try:
+                response = await self._handle(request, started, ctx)
+            except ProxyError as exc:
+                response = exc.response()
+            status = 499 if ctx.client_gone else response.status
+            return response
+        finally:
+            metrics.inflight.dec()
+            metrics.client(ctx.provider, status)
+            if self._access and access_log.isEnabledFor(_INFO):
+                self._log_access(request, status, ctx, started)
+
+    def _log_access(self, request: web.Request, status: int, ctx: _Ctx, started: float) -> None:
+        key = ctx.key
+        ms = round((_monotonic() - started) * 1000.0, 2)
+        path = request.raw_path.partition("?")[0][:512]  # never the query: it may hold tokens
+        access_log.info(
+            "%s %s %d %.2fms",
+            request.method,
+            path,
+            status,
+            ms,
+            extra={
+                "method": request.method,
+                "path": path,
+                "status": status,
+                "provider": ctx.provider,
+                "key": key.name if key is not None else None,
+                "key_fingerprint": key.fingerprint if key is not None else None,
+                "attempts": ctx.attempts,
+                "duration_ms": ms,
+            },
+        )
+
+    async def _handle(self, request: web.Request, started: float, ctx: _Ctx) -> web.StreamResponse:
+        compiled = self.compiled  # one read: this request sees one table from start to end
+        if compiled is None:
+            raise NotReady("the proxy has no routing table yet", headers={"Retry-After": "1"})
+        prefix, rest, query = parse_target(request.raw_path)
+        if not compiled.virtual_keys.check(request.headers):
+            raise Unauthorized(_UNAUTHORIZED)
+        if prefix is None:
+            upstream = compiled.default
+            if upstream is None:
+                raise NotFound("this pool has no default provider", code="unknown_provider")
+        else:
+            found = compiled.upstreams.get(prefix)
+            if found is None:
+                served = ", ".join(sorted(compiled.upstreams))
+                raise NotFound(
+                    f"unknown provider {prefix[:64]!r}: this pool serves {served}",
+                    code="unknown_provider",
+                )
+            upstream = found
+        ctx.provider = upstream.provider
+        body = await self._read_body(request)
+        target = upstream.base + rest
+        if query:
+            target += "?" + query
+        return await self._forward(
+            request, compiled, upstream, URL(target, encoded=True), body, started, ctx
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if not request.body_exists:
+            return b""
+        limit = self._max_body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body is over the {limit}-byte limit") from None
+        if body and request.method in _BODY_METHODS:
+            ctype = request.content_type
+            if (ctype == "application/json" or ctype.endswith("+json")) and (
+                "Content-Encoding" not in request.headers
+            ):
+                try:
+                    json.loads(body)  # validity only: the bytes go upstream untouched
+                except (ValueError, RecursionError):
+                    raise BadRequest(
+                        "request body is not valid JSON", code="invalid_json"
+                    ) from None
+        return body
+
+    # ------------------------------------------------------------------ attempts
+
+    # One function on purpose: this is the hot path, and every call layer costs microseconds.
+    async def _forward(  # noqa: PLR0915, PLR0917
+        self,
+        request: web.Request,
+        compiled: Compiled,
+        upstream: Upstream,
+        url: URL,
+        body: bytes,
+        started: float,
+        ctx: _Ctx,
+    ) -> web.StreamResponse:
+        session = self.session
+        if session is None:
+            raise NotReady("the proxy is starting or stopping")
+        pool = self.pool
+        clock = self.clock
+        metrics = self.metrics
+        provider = upstream.provider
+        method = request.method
+        incoming = request.headers
+        data = body or None
+        retry_deadline = started + compiled.retry_budget
+        tried: list[str] = []
+        failure: _Failure | ProxyError | None = None
+
+        for attempt in range(compiled.max_attempts):
+            timeout = compiled.timeout
+            if attempt:
+                now_mono = _monotonic()
+                remaining = retry_deadline - now_mono
+                if remaining <= 0:
+                    break
+                timeout = aiohttp.ClientTimeout(
+                    total=max(0.001, compiled.total - (now_mono - started)),
+                    connect=compiled.connect,
+                    sock_connect=compiled.connect,
+                    sock_read=min(compiled.first_byte, remaining),
+                )
+            key = pool.acquire(provider, clock(), tried)
+            if key is None:
+                break
+            if attempt:
+                metrics.retry(provider, _reason(failure))
+            tried.append(key.name)
+            ctx.key = key
+            ctx.attempts = attempt + 1
+            headers = request_headers(
+                incoming, upstream.auth_name, upstream.auth_prefix + key.secret
+            )
+            sent = _monotonic()
+            try:
+                resp = await session.request(
+                    method, url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+                )
+            except asyncio.CancelledError:
+                self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+                ctx.client_gone = True
+                raise
+            except TimeoutError:
+                self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
+                failure = UpstreamTimeout(f"provider {provider} did not answer in time")
+                continue
+            except aiohttp.ClientError as exc:
+                self._release(key, Outcome.CONNECT_ERROR, None, provider, "error")
+                failure = UpstreamUnreachable(
+                    f"provider {provider} is unreachable ({type(exc).__name__})"
+                )
+                continue
+            except BaseException:
+                self._release(key, Outcome.CANCELLED, None, provider, "error")
+                raise
+
+            status = resp.status
+            outcome = Outcome.from_status(status)
+            length = resp.content_length
+            if outcome not in _RETRY_OUTCOMES and (
+                length is None
+                or length > self._buffer_limit
+                or resp.content_type == "text/event-stream"
+            ):
+                return await self._stream(
+                    request, resp, key, outcome, compiled, upstream, started, sent, ctx
+                )
+
+            # Read whole: nothing has reached the client, so a broken body is still retryable.
+            try:
+                payload = await resp.read()
+            except asyncio.CancelledError:
+                resp.close()
+                self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+                ctx.client_gone = True
+                raise
+            except TimeoutError:
+                resp.close()
+                self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
+                failure = UpstreamTimeout(f"provider {provider} stopped sending the response")
+                continue
+            except aiohttp.ClientError as exc:
+                resp.close()
+                self._release(key, Outcome.SERVER_ERROR, None, provider, "error")
+                failure = UpstreamUnreachable(
+                    f"provider {provider} broke off the response ({type(exc).__name__})"
+                )
+                continue
+            except BaseException:
+                resp.close()
+                self._release(key, Outcome.CANCELLED, None, provider, "error")
+                raise
+            resp.release()
+            metrics.latency(provider, _monotonic() - sent)
+            self._release(key, outcome, resp.headers, provider, str(status))
+            if outcome in _RETRY_OUTCOMES:
+                failure = _Failure(status, resp.headers, payload)
+                continue
+            metrics.ttfb(provider, _monotonic() - started)
+            return web.Response(
+                status=status,
+                reason=resp.reason,
+                body=payload,
+                headers=response_headers(resp.headers),
+            )
+
+        return self._spent(failure, provider, compiled)
+
+    def _spent(
+        self, failure: _Failure | ProxyError | None, provider: str, compiled: Compiled
+    ) -> web.Response:
+        if isinstance(failure, _Failure):
+            headers = response_headers(failure.headers)
+            if failure.status == 429:
+                headers["Retry-After"] = str(self._retry_after(provider, compiled))
+            return web.Response(status=failure.status, body=failure.body, headers=headers)
+        if failure is not None:
+            raise failure
+        self.metrics.no_key(provider)
+        seconds = self._retry_after(provider, compiled)
+        raise NoKeyAvailable(
+            f"no key of provider {provider} is available: every key is cooling down or out of "
+            f"rotation; retry after {seconds}s",
+            headers={"Retry-After": str(seconds)},
+        )
+
+    def _retry_after(self, provider: str, compiled: Compiled) -> int:
+        now = self.clock()
+        recovery = self.pool.next_recovery(provider, now)
+        if recovery is None:  # no key will recover by itself (all revoked, or none)
+            return max(1, math.ceil(compiled.policy.default_cooldown))
+        return max(1, math.ceil(recovery - now))
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _stream(  # noqa: PLR0915, PLR0917 - hot path, see _forward
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        key: Key,
+        outcome: Outcome,
+        compiled: Compiled,
+        upstream: Upstream,
+        started: float,
+        sent: float,
+        ctx: _Ctx,
+    ) -> web.StreamResponse:
+        provider = upstream.provider
+        metrics = self.metrics
+        out = web.StreamResponse(
+            status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
+        )
+        if resp.content_length is not None:
+            out.content_length = resp.content_length
+        connection = resp.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = compiled.idle_stream  # silence between chunks
+        content = resp.content
+        broke: BaseException | None = None
+        client_gone = False
+        first = True
+        tail = b""
+        try:
+            try:
+                await out.prepare(request)
+            except ConnectionError:
+                client_gone = True
+            while not client_gone:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    broke = exc
+                    break
+                if not chunk:
+                    break
+                try:
+                    await out.write(chunk)
+                except ConnectionError:
+                    client_gone = True
+                    break
+                if first:
+                    first = False
+                    metrics.ttfb(provider, _monotonic() - started)
+                tail = chunk
+        except BaseException as exc:  # CancelledError: the client went away
+            resp.close()
+            self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+            ctx.client_gone = isinstance(exc, asyncio.CancelledError)
+            raise
+        metrics.latency(provider, _monotonic() - sent)
+        if client_gone:
+            resp.close()
+            self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+            ctx.client_gone = True
+            return out
+        if broke is not None:
+            resp.close()
+            timed_out = isinstance(broke, TimeoutError)
+            self._release(
+                key,
+                Outcome.TIMEOUT if timed_out else Outcome.SERVER_ERROR,
+                None,
+                provider,
+                "timeout" if timed_out else "error",
+            )
+            log.warning(
+                "stream from provider %s via key %s (%s) broke off: %s",
+                provider,
+                key.name,
+                key.fingerprint,
+                "idle timeout" if timed_out else type(broke).__name__,
+            )
+            await self._end_broken_stream(
+                request=request,
+                out=out,
+                resp=resp,
+                upstream=upstream,
+                tail=tail,
+                timed_out=timed_out,
+            )
+            return out
+        resp.release()
+        self._release(key, outcome, resp.headers, provider, str(resp.status))
+        return out
+
+    async def _end_broken_stream(
+        self,
+        *,
+        request: web.Request,
+        out: web.StreamResponse,
+        resp: aiohttp.ClientResponse,
+        upstream: Upstream,
+        tail: bytes,
+        timed_out: bool,
+    ) -> None:
+        """SSE: a final error event, then a clean end. Anything else: abort the connection so
+        the client cannot mistake a truncated body for a complete one."""
+        if resp.content_type != "text/event-stream":
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            return
+        message = "upstream stream timed out" if timed_out else "upstream stream broke off"
+        code = "upstream_timeout" if timed_out else "upstream_stream_error"
+        if upstream.anthropic:
+            frame = (
+                b"event: error\ndata: "
+                + json.dumps(
+                    {"type": "error", "error": {"type": "api_error", "message": message}}
+                ).encode()
+            )
+        else:
+            frame = (
+                b"data: "
+                + json.dumps(
+                    {"error": {"message": message, "type": "proxy_error", "code": code}}
+                ).encode()
+            )
+        prefix = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
+        try:
+            await out.write(prefix + frame + b"\n\n")
+            await out.write_eof()
+        except ConnectionError:
+            pass
+
+    # ------------------------------------------------------------------ learning
+
+    def _release(
+        self,
+        key: Key,
+        outcome: Outcome,
+        headers: CIMultiDictProxy[str] | None,
+        provider: str,
+        label: str,
+    ) -> None:
+        self.metrics.upstream(key.name, provider, label)
+        transitions = self.pool.release(key, outcome, self.clock(), headers)
+        if transitions:
+            self.report(transitions)
+
+    def report(self, transitions: list[Transition]) -> None:
+        self.metrics.transitions(transitions)
+        now = self.clock()
+        for t in transitions:
+            if t.until is not None:
+                log.info(
+                    "key %s (%s) is %s: %s, for %.1fs",
+                    t.name,
+                    t.fingerprint,
+                    t.health,
+                    t.reason,
+                    max(0.0, t.until - now),
+                    extra={
+                        "key": t.name,
+                        "key_fingerprint": t.fingerprint,
+                        "health": str(t.health),
+                        "reason": t.reason,
+                        "until": t.until,
+                    },
+                )
+            else:
+                log.info(
+                    "key %s (%s) is %s: %s",
+                    t.name,
+                    t.fingerprint,
+                    t.health,
+                    t.reason,
+                    extra={
+                        "key": t.name,
+                        "key_fingerprint": t.fingerprint,
+                        "health": str(t.health),
+                        "reason": t.reason,
+                        "until": None,
+                    },
+                )
+        hook = self.on_transitions
+        if hook is not None:
+            try:
+                hook(transitions)
+            except Exception:
+                log.exception("on_transitions hook failed")
