@@ -75,7 +75,10 @@ def kube(request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
     try:
         cluster.start()
     except HarnessError as exc:
-        pytest.fail(f"Kubernetes test control plane did not start: {exc}", pytrace=False)
+        pytest.fail(
+            f"Kubernetes test control plane did not start (logs kept in {cluster.workdir}): {exc}",
+            pytrace=False,
+        )
     config.stash[_CLUSTER] = cluster
     try:
         yield cluster

@@ -58,6 +58,13 @@ VERSIONS_FILE = REPO_ROOT / "scripts" / "k8s-versions.env"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 
 # Generous for 2 cores: a cold apiserver runs its RBAC bootstrap before /readyz turns green.
+# Only what operators lean on: ownerReference GC, namespace cleanup, and filling in the
+# aggregated admin/edit/view ClusterRoles (without it, binding `view` grants nothing).
+CONTROLLERS = (
+    "garbage-collector-controller",
+    "namespace-controller",
+    "clusterrole-aggregation-controller",
+)
 START_TIMEOUT = float(os.environ.get("SIDEPROXY_KUBE_START_TIMEOUT", "120"))
 BUILD_TIMEOUT = 90 * 60.0
 LOG_TAIL_LINES = 40
@@ -697,6 +704,10 @@ class KubeCluster:
                 "--service-cluster-ip-range=10.96.0.0/16",
                 # Its job (mounting the default SA token) needs the SA controllers we don't run.
                 "--disable-admission-plugins=ServiceAccount",
+                # Its Endpoints would be 127.0.0.1, which validation rejects every 10 s in the log.
+                "--endpoint-reconciler-type=none",
+                # Without a bound, SIGTERM waits forever for the controller-manager's watches.
+                "--shutdown-watch-termination-grace-period=1s",
                 "--profiling=false",
             ]
             return _Process("kube-apiserver", argv, self.workdir / "kube-apiserver.log", self._env)
@@ -737,8 +748,7 @@ class KubeCluster:
         argv = [
             self._bin("kube-controller-manager"),
             f"--kubeconfig={self.kubeconfig}",
-            # Only what operators depend on: ownerReference GC and namespace cleanup.
-            "--controllers=garbage-collector-controller,namespace-controller",
+            f"--controllers={','.join(CONTROLLERS)}",
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             "--secure-port=0",  # no metrics/healthz server: nothing to collide with

@@ -125,6 +125,20 @@ def test_service_account_rbac(kube: KubeCluster, namespace: str) -> None:
     assert "Forbidden" in listed.stderr
 
 
+def test_aggregated_cluster_roles(kube: KubeCluster, namespace: str) -> None:
+    # `view` has only an aggregationRule; its rules exist only if the aggregation controller runs.
+    sa_config = kube.service_account_kubeconfig(namespace, "viewer")
+    kube.kubectl(
+        "create", "rolebinding", "viewer", "-n", namespace,
+        "--clusterrole=view", f"--serviceaccount={namespace}:viewer",
+    )  # fmt: skip
+    kube.wait_for(
+        lambda: kube.kubectl("get", "configmaps", "-n", namespace, kubeconfig=sa_config),
+        ignore=(CommandError,),
+        message="the view ClusterRole to grant list on configmaps",
+    )
+
+
 def test_owner_reference_garbage_collection(kube: KubeCluster, namespace: str) -> None:
     core = k8s_client.CoreV1Api(kube.api_client())
     owner = core.create_namespaced_config_map(
