@@ -1,0 +1,198 @@
+"""Python load for what wrk cannot measure: streamed TTFB/TTLB (scenario 3), the 429 storm (4).
+
+    python bench/loadclient.py stream URL TOKEN --requests 400 --concurrency 8
+    python bench/loadclient.py storm  URL TOKEN --seconds 10 --concurrency 16 --stats STATS_URL
+
+Prints one JSON object on stdout. Every loop is bounded by a count and a deadline; only
+127.0.0.1 URLs are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+
+BODY = {
+    "model": "bench-model",
+    "messages": [{"role": "user", "content": "Say hello."}],
+    "max_tokens": 16,
+}
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {f"p{p}".replace(".", "_"): pct(values, p) * 1e3 for p in (50, 90, 99)} | {
+        "mean": (sum(values) / len(values) * 1e3) if values else float("nan")
+    }
+
+
+async def stream(args: argparse.Namespace) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
+    body = json.dumps(BODY | {"stream": True}).encode()
+    ttfb: list[float] = []
+    ttlb: list[float] = []
+    chunks: list[int] = []
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + args.timeout
+    queue = iter(range(args.requests + args.warmup))
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        t0 = time.perf_counter()
+        async with session.post(args.url, data=body, headers=headers) as resp:
+            if resp.status != 200:
+                await resp.read()
+                errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                return
+            first = None
+            n = 0
+            done = False
+            async for data in resp.content.iter_any():
+                if first is None and data.strip():
+                    first = time.perf_counter()
+                n += data.count(b"data: ")
+                if b"[DONE]" in data:
+                    done = True
+            last = time.perf_counter()
+        if first is None or not done:
+            errors["incomplete"] = errors.get("incomplete", 0) + 1
+            return
+        if i >= args.warmup:
+            ttfb.append(first - t0)
+            ttlb.append(last - t0)
+            chunks.append(n)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for i in queue:
+            if time.monotonic() > deadline:
+                return
+            try:
+                await one(session, i)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
+    return {
+        "completed": len(ttfb),
+        "errors": errors,
+        "chunks_per_stream": (sum(chunks) / len(chunks)) if chunks else 0,
+        "ttfb_ms": summary(ttfb),
+        "ttlb_ms": summary(ttlb),
+    }
+
+
+async def storm(args: argparse.Namespace) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
+    body = json.dumps(BODY).encode()
+    results: list[tuple[float, int]] = []  # (finish time, status or -1)
+    start = time.monotonic()
+    end = start + args.seconds
+    cap = args.max_requests
+
+    async def stats(session: aiohttp.ClientSession) -> dict[str, object]:
+        async with session.get(args.stats) as resp:
+            return await resp.json()
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < end and len(results) < cap:
+            try:
+                async with session.post(args.url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                status = -1
+            results.append((time.monotonic() - start, status))
+
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=args.concurrency + 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        before = await stats(session)
+        tasks = [asyncio.create_task(worker(session)) for _ in range(args.concurrency)]
+        await asyncio.sleep(min(args.settle, args.seconds))
+        settled_at = time.monotonic() - start
+        settled_count = len(results)
+        at_settle = await stats(session)
+        await asyncio.gather(*tasks)
+        after = await stats(session)
+
+    def attempts(a: dict, b: dict) -> dict[str, object]:  # type: ignore[type-arg]
+        keys = set(a["by_key"]) | set(b["by_key"])
+        by_key = {}
+        for k in sorted(keys):
+            sa, sb = a["by_key"].get(k, {}), b["by_key"].get(k, {})
+            d = {s: sb.get(s, 0) - sa.get(s, 0) for s in set(sa) | set(sb)}
+            d = {s: v for s, v in d.items() if v}
+            if d:
+                by_key[k] = d
+        return {"total": b["requests"] - a["requests"], "by_key": by_key}
+
+    statuses: dict[str, int] = {}
+    for _, s in results:
+        statuses[str(s)] = statuses.get(str(s), 0) + 1
+    late = [s for t, s in results[settled_count:]]
+    all_att = attempts(before, after)
+    late_att = attempts(at_settle, after)
+    n = len(results)
+    return {
+        "client_requests": n,
+        "client_statuses": statuses,
+        "client_errors": n - statuses.get("200", 0),
+        "error_rate": (n - statuses.get("200", 0)) / n if n else float("nan"),
+        "upstream_attempts": all_att,
+        "attempts_per_request": all_att["total"] / n if n else float("nan"),
+        "settle_s": settled_at,
+        "after_settle": {
+            "client_requests": len(late),
+            "client_errors": sum(1 for s in late if s != 200),
+            "upstream_attempts": late_att,
+            "attempts_per_request": late_att["total"] / len(late) if late else float("nan"),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("stream", "storm"))
+    parser.add_argument("url")
+    parser.add_argument("token")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=120.0, help="hard deadline, seconds")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=1.0, help="storm: window start")
+    parser.add_argument("--max-requests", type=int, default=200_000)
+    parser.add_argument("--stats", default="")
+    args = parser.parse_args()
+    for u in (args.url, args.stats):
+        if u and urlsplit(u).hostname not in ("127.0.0.1", "localhost"):
+            sys.exit(f"refusing a non-loopback URL: {u}")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    result = runner(stream(args) if args.mode == "stream" else storm(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
