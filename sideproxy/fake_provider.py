@@ -329,6 +329,10 @@ class FakeProvider:
     def status_counts(self) -> dict[str, dict[int, int]]:
         return {s.fp: dict(s.statuses) for s in self._keys.values() if s.statuses}
 
+    def successes(self) -> dict[str, int]:
+        """200s answered per key fingerprint."""
+        return {s.fp: s.statuses[200] for s in self._keys.values() if s.statuses.get(200)}
+
     def served(self, key: str) -> int:
         """200s answered for ``key`` (value or fingerprint)."""
         return self._find(key, create=False).statuses.get(200, 0)

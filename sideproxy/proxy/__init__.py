@@ -5,6 +5,7 @@ Public surface (pinned by ``tests/proxy/test_public_api.py``)::
     create_app(settings, source, *, on_transitions=None, pool=None, clock=time.time)
     ProxySettings                       process-level settings (host, port, limits, ...)
     serve(settings, source, ...)        run until SIGTERM with graceful shutdown
+    running(app) -> url                 async context manager: serve in this event loop
     sources: ConfigSource, Snapshot, Rejected, EnvSource, FileSource, StaticSource, QueueSource
     app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
     errors: ProxyError and error_response (the one OpenAI-shaped error helper)
@@ -16,7 +17,7 @@ from sideproxy.proxy._app import FORWARDER, METRICS, POOL, RUNTIME, SETTINGS, Ru
 from sideproxy.proxy._errors import ProxyError, error_response
 from sideproxy.proxy._forward import TransitionHook
 from sideproxy.proxy._logging import configure_logging
-from sideproxy.proxy._server import new_event_loop, serve
+from sideproxy.proxy._server import new_event_loop, running, serve
 from sideproxy.proxy._settings import ProxySettings
 from sideproxy.proxy.sources import (
     ConfigSource,
@@ -59,5 +60,6 @@ __all__ = [
     "load_file",
     "new_event_loop",
     "register_cluster_source",
+    "running",
     "serve",
 ]

@@ -92,6 +92,8 @@ class Runtime:
         for a bad config."""
         if isinstance(event, Rejected):
             return self._reject(event.reason)
+        if not isinstance(event, Snapshot):
+            event = Snapshot(event[0], event[1])
         current = self.forwarder.compiled
         if (
             current is not None
@@ -113,6 +115,12 @@ class Runtime:
         for name, until in compiled.cooling:
             self.pool.impose_cooldown(name, until, now)
         self.forwarder.compiled = compiled  # the swap
+        if compiled.held_back:
+            log.warning(
+                "%d key(s) held back until the table and the key material agree: %s",
+                len(compiled.held_back),
+                ", ".join(compiled.held_back[:20]),
+            )
         self.applied += 1
         self.metrics.reloads.labels("applied").inc()
         self.metrics.table_version.set(event.table.version)
@@ -147,7 +155,7 @@ class Runtime:
     async def follow(self) -> None:
         """Consume the source for the life of the app."""
         try:
-            async for event in self.source.events():
+            async for event in self.source.snapshots():
                 self.apply(event)
                 self.first_event.set()
         except asyncio.CancelledError:
@@ -188,6 +196,7 @@ class Runtime:
                 default_provider=table.settings.default_provider.value,
                 providers={p: u.base for p, u in sorted(compiled.upstreams.items())},
                 client_auth=compiled.virtual_keys.required,
+                held_back=list(compiled.held_back),
             )
         if self.last_rejected is not None:
             body["last_rejected"] = {"at": self.last_rejected[0], "reason": self.last_rejected[1]}
@@ -327,7 +336,7 @@ class _NoSource:
     def __repr__(self) -> str:
         return "no source"
 
-    async def events(self) -> AsyncIterator[SourceEvent]:
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
         return
         yield  # pragma: no cover - makes this an async generator
 

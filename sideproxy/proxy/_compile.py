@@ -3,6 +3,8 @@
 ``Compiled`` is immutable; the app swaps it in with one attribute assignment, so a request sees
 either the old table or the new one, never a mix. Compilation is all-or-nothing: anything wrong
 raises :class:`CompileError` (a message without key material) before the pool is touched.
+A key whose material is missing or does not match the table's fingerprint is held back (left
+out of the pool, listed in the status endpoint) rather than failing the whole table.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from aiohttp import ClientTimeout
 from multidict import istr
 from yarl import URL
 
-from sideproxy.models import DEFAULT_BASE_URLS, VIRTUAL_KEYS_DATA_KEY, KeyState, Provider
+from sideproxy.models import (
+    DEFAULT_BASE_URLS,
+    VIRTUAL_KEYS_DATA_KEY,
+    KeyState,
+    Provider,
+    fingerprint,
+)
 from sideproxy.pool import KeyConfig, PoolPolicy
 from sideproxy.proxy._auth import VirtualKeys, parse_virtual_keys
 from sideproxy.proxy._headers import AUTHORIZATION, X_API_KEY
@@ -48,6 +56,7 @@ class Compiled:
     keys: tuple[KeyConfig, ...] = field(repr=False)
     cooling: tuple[tuple[str, float], ...]  # table says: key name, cooldown_until
     revoked: tuple[str, ...]
+    held_back: tuple[str, ...]  # in the table, but no (matching) key material
     max_attempts: int
     retry_budget: float
     first_byte: float
@@ -100,11 +109,14 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
     configs: list[KeyConfig] = []
     cooling: list[tuple[str, float]] = []
     revoked: list[str] = []
+    held_back: list[str] = []
     for key in table.keys:
         secret = material.get(key.name)
-        if not secret:
-            # A half-written Secret, or a table newer than its material: do not serve it.
-            raise CompileError(f"key {key.name!r} is in the table but has no key material")
+        if not secret or fingerprint(secret) != key.fingerprint:
+            # A Secret mid-rotation, or a table newer than its material: this key sits out
+            # until both agree; the rest of the table is served.
+            held_back.append(key.name)
+            continue
         configs.append(
             KeyConfig(
                 name=key.name,
@@ -140,6 +152,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         keys=tuple(configs),
         cooling=tuple(cooling),
         revoked=tuple(revoked),
+        held_back=tuple(held_back),
         max_attempts=ts.retry.max_attempts,
         retry_budget=ts.retry.total_timeout_seconds,
         first_byte=timeouts.first_byte_seconds,

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from sideproxy.proxy._forward import TransitionHook
 from sideproxy.proxy._settings import ProxySettings
 from sideproxy.proxy.sources import ConfigSource
 
-__all__ = ["new_event_loop", "serve"]
+__all__ = ["new_event_loop", "running", "serve"]
 
 log = logging.getLogger("sideproxy.proxy")
 
@@ -119,3 +120,23 @@ def _serve_workers(
         _, status = os.waitpid(child, 0)
         worst = max(worst, os.waitstatus_to_exitcode(status))
     return 1 if worst else 0
+
+
+@contextlib.asynccontextmanager
+async def running(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 5.0
+) -> AsyncIterator[str]:
+    """Serve ``app`` in the current event loop (tests, the demo, benchmarks); yields its URL.
+
+    Uses aiohttp's ``AppRunner`` + ``TCPSite``: the same server and shutdown path as ``serve``.
+    """
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0]
+        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
+        yield f"http://{shown}:{bound[1]}"
+    finally:
+        await runner.cleanup()

@@ -1,19 +1,21 @@
 """Config sources: where the proxy's routing table and key material come from.
 
-A source is anything with an async ``events()`` iterator yielding
+A source is anything with an async ``snapshots()`` iterator yielding
 
-* :class:`Snapshot` ``(table, material)``: a complete routing table (``models.RoutingTable``)
-  and the key material it names (PoolKey name -> key value, plus
-  ``models.VIRTUAL_KEYS_DATA_KEY`` -> the virtual keys when the table requires client auth), or
+* :class:`Snapshot` ``(table, material[, origin])``, or a plain ``(table, material)`` tuple: a
+  complete routing table (``models.RoutingTable``) and the key material it names (PoolKey name
+  -> key value, plus ``models.VIRTUAL_KEYS_DATA_KEY`` -> the virtual keys when the table
+  requires client auth). A key whose material is missing or does not match the table's
+  fingerprint sits out (logged) until both agree; or
 * :class:`Rejected` ``(reason)``: the source saw a new config and could not read it. The proxy
   logs the reason (which must never contain key material), counts it and keeps serving the last
   good snapshot.
 
 The app consumes the iterator in a background task for its whole life; the iterator may end
-(an :class:`EnvSource` yields once) or run forever (a :class:`FileSource` polls). A cluster
-source (ConfigMap + Secret through the Kubernetes API) plugs in the same way: implement
-``events()``, and register a factory with :func:`register_cluster_source` so that
-``sideproxy serve --pool NAME`` can build it.
+(an :class:`EnvSource` yields once) or run forever (a :class:`FileSource` polls). The cluster
+source (``sideproxy.proxy.kube.ClusterSource``: ConfigMap + Secret through the Kubernetes API)
+plugs in the same way; :func:`cluster_source` builds it for ``sideproxy serve --pool NAME``
+(another one can be installed with :func:`register_cluster_source`).
 
 Each snapshot is validated and compiled by the app (see ``sideproxy.proxy._compile``); a snapshot
 that fails there is treated exactly like a ``Rejected``.
@@ -22,16 +24,15 @@ that fails there is treated exactly like a ``Rejected``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import importlib
+import importlib.util
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import yaml
 
@@ -57,11 +58,19 @@ __all__ = [
 log = logging.getLogger("sideproxy.proxy.sources")
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(NamedTuple):
+    """A complete routing table and the key material it names. A plain 2-tuple
+    ``(table, material)`` is accepted wherever a Snapshot is."""
+
     table: RoutingTable
-    material: Mapping[str, str] = field(repr=False)  # never log this
-    origin: str = ""  # for logs: "env", "file pool.yaml", "configmap ns/name@rv", ...
+    material: Mapping[str, str]  # never log this
+    origin: str = ""  # for logs: "env", "file pool.yaml", "configmap ns/name", ...
+
+    def __repr__(self) -> str:
+        return (
+            f"Snapshot(pool={self.table.pool!r}, version={self.table.version}, "
+            f"keys={len(self.table.keys)}, origin={self.origin!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +79,14 @@ class Rejected:
     origin: str = ""
 
 
-SourceEvent = Snapshot | Rejected
+SourceEvent = Snapshot | Rejected | tuple[RoutingTable, Mapping[str, str]]
 
 
 @runtime_checkable
 class ConfigSource(Protocol):
     """Yields snapshots for the life of the app; see the module docstring."""
 
-    def events(self) -> AsyncIterator[SourceEvent]: ...
+    def snapshots(self) -> AsyncIterator[SourceEvent]: ...
 
 
 class SourceUnavailable(RuntimeError):
@@ -93,7 +102,7 @@ class StaticSource:
     def __init__(self, *events: SourceEvent) -> None:
         self._events = events
 
-    async def events(self) -> AsyncIterator[SourceEvent]:
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
         for event in self._events:
             yield event
 
@@ -110,7 +119,7 @@ class QueueSource:
     def close(self) -> None:
         self._queue.put_nowait(None)
 
-    async def events(self) -> AsyncIterator[SourceEvent]:
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
         while (event := await self._queue.get()) is not None:
             yield event
 
@@ -152,7 +161,7 @@ class EnvSource:
         _log_translation(translation, "env")
         return Snapshot(_sealed(translation, 1), translation.material, "env")
 
-    async def events(self) -> AsyncIterator[SourceEvent]:
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
         try:
             snapshot = self.load()
         except ValueError as exc:
@@ -218,7 +227,7 @@ class FileSource:
     def __repr__(self) -> str:
         return f"FileSource({str(self.path)!r})"
 
-    async def events(self) -> AsyncIterator[SourceEvent]:
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
         origin = f"file {self.path}"
         stamp: tuple[int, int, int] | None = None
         digest: str | None = None
@@ -269,18 +278,18 @@ def register_cluster_source(factory: ClusterSourceFactory) -> None:
 
 
 def cluster_source(pool: str, namespace: str | None, kubeconfig: str | None) -> ConfigSource:
-    """The source for ``sideproxy serve --pool NAME``; raises SourceUnavailable until one exists.
+    """The source for ``sideproxy serve --pool NAME``.
 
-    Looks for a registered factory, then for ``sideproxy.proxy.cluster.ClusterSource`` (the
-    module the cluster mode will live in).
+    A factory installed with :func:`register_cluster_source` wins; otherwise the built-in
+    ``KubeSource`` (``sideproxy.proxy.kube``), which has a ``report`` method to pass as
+    ``on_transitions``. Raises :class:`SourceUnavailable` when the Kubernetes client is missing.
     """
-    factory = _cluster_factory
-    if factory is None:
-        with contextlib.suppress(ImportError):
-            module = importlib.import_module("sideproxy.proxy.cluster")
-            factory = module.ClusterSource
-    if factory is None:
+    if _cluster_factory is not None:
+        return _cluster_factory(pool, namespace, kubeconfig)
+    if importlib.util.find_spec("kubernetes_asyncio") is None:
         raise SourceUnavailable(
-            "cluster mode is not available yet in this build: use --file or SIDE_POOL_KEYS"
+            "cluster mode needs the kubernetes-asyncio package; use --file or SIDE_POOL_KEYS"
         )
-    return factory(pool, namespace, kubeconfig)
+    from sideproxy.proxy._cluster import KubeSource  # noqa: PLC0415 - cluster mode only
+
+    return KubeSource(pool, namespace, kubeconfig)

@@ -1,0 +1,60 @@
+"""Cluster mode wiring: ``sideproxy.proxy.kube`` (ClusterSource + EventReporter) as a source.
+
+``kube`` (and with it ``kubernetes_asyncio``) is imported only when cluster mode starts, so the
+standalone proxy never pays for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sideproxy.pool import Transition
+from sideproxy.proxy.sources import Snapshot, SourceEvent
+
+__all__ = ["KubeSource"]
+
+log = logging.getLogger("sideproxy.proxy")
+
+
+class KubeSource:
+    """Snapshots from the pool's ConfigMap + Secret; transitions reported as PoolKey Events.
+
+    Pass :meth:`report` as ``create_app(on_transitions=...)``: reports made before the API
+    client is up are dropped (the pool will learn them again on the next 429).
+    """
+
+    def __init__(self, pool: str, namespace: str | None, kubeconfig: str | None) -> None:
+        self.pool = pool
+        self.namespace = namespace
+        self.kubeconfig = kubeconfig
+        self._reporter: Any = None
+
+    def __repr__(self) -> str:
+        return f"KubeSource(pool={self.pool!r}, namespace={self.namespace!r})"
+
+    def report(self, transitions: list[Transition]) -> None:
+        reporter = self._reporter
+        if reporter is not None:
+            reporter.report(transitions)
+
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
+        kube = importlib.import_module("sideproxy.proxy.kube")
+        async with kube.cluster_clients(self.kubeconfig) as api:
+            namespace = self.namespace or kube.default_namespace()
+            origin = f"configmap {namespace}/{kube.routing_configmap_name(self.pool)}"
+            source = kube.ClusterSource(api, namespace, self.pool)
+            self._reporter = kube.EventReporter(api, namespace, self.pool)
+            task = asyncio.create_task(self._reporter.run(), name="sideproxy-event-reporter")
+            try:
+                async for table, material in source.snapshots():
+                    yield Snapshot(table, material, origin)
+            finally:
+                self._reporter = None
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
