@@ -25,6 +25,7 @@ v3 schema:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -178,7 +179,10 @@ class _Converter:
             if key.startswith("x-kubernetes-"):
                 out[key] = value
             elif key == "properties":
-                out[key] = {prop: self.convert(sub, None) for prop, sub in dict(value).items()}
+                out[key] = {
+                    prop: self.explained(self.convert(sub, None))
+                    for prop, sub in dict(value).items()
+                }
             elif key == "items":
                 out[key] = self.convert(value, None)
             elif key == "additionalProperties":
@@ -201,6 +205,29 @@ class _Converter:
         if model is not None:
             self._decorate(out, model)
         return _ordered(out)
+
+    @staticmethod
+    def explained(node: dict[str, Any]) -> dict[str, Any]:
+        """``kubectl explain`` prints only the description: add the default and the bounds."""
+        if node.get("type") not in ("integer", "number", "string", "boolean"):
+            return node
+        facts = []
+        if "enum" in node:
+            facts.append(f"One of: {', '.join(str(v) for v in node['enum'])}.")
+        if node.get("default", "") != "":
+            facts.append(f"Default: {json.dumps(node['default'])}.")
+        low, high = node.get("minimum"), node.get("maximum")
+        if low is not None or high is not None:
+            low_text = (
+                "" if low is None else f"{'>' if node.get('exclusiveMinimum') else '>='} {low}"
+            )
+            high_text = (
+                "" if high is None else f"{'<' if node.get('exclusiveMaximum') else '<='} {high}"
+            )
+            facts.append(f"Range: {', '.join(t for t in (low_text, high_text) if t)}.")
+        if not facts or not node.get("description"):
+            return node
+        return {**node, "description": f"{node['description']} {' '.join(facts)}"}
 
     @staticmethod
     def _decorate(out: dict[str, Any], model: type[BaseModel]) -> None:
