@@ -50,7 +50,9 @@ export CGO_ENABLED=0
 # The wrapper modules start without go.sum; let the go command fill it in.
 export GOFLAGS=-mod=mod
 
-# Scratch space next to bin/ so the final mv is a rename on one filesystem.
+# Scratch space next to bin/ so the final mv is a rename on one filesystem. Holding the lock,
+# any other scratch dir is left over from a killed build.
+rm -rf "$out"/work.*
 work=$(mktemp -d "$out/work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 

@@ -40,6 +40,14 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselection looks at the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Anything that touches the cluster is `kube`, so `-m "not kube"` is the fast suite.
+    for item in items:
+        if "kube" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kube)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     wanted = any("kube" in getattr(item, "fixturenames", ()) for item in session.items)
@@ -51,7 +59,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         with capture.global_and_fixture_disabled():
             reporter.write_line(
                 f"tests/kube: building the Kubernetes test binaries with {BUILD_SCRIPT} "
-                f"into {cached_bin_dir().parent} (cold: ~20-30 min on 2 cores, then cached)"
+                f"into {cached_bin_dir().parent} (cold: ~11 min on 2 cores, then cached)"
             )
     try:
         config.stash[_BIN_DIR] = build_binaries()
@@ -62,23 +70,26 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def kube(request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
     config = request.config
-    if _BUILD_ERROR in config.stash:
-        pytest.fail(config.stash[_BUILD_ERROR], pytrace=False)
-    try:
-        bin_dir = config.stash[_BIN_DIR]
-    except KeyError:  # collected in a way that skipped our hook (e.g. requested dynamically)
+    # pytest.fail outside the except blocks: the harness message already says everything, and
+    # "During handling of the above exception" would print it twice.
+    error = config.stash.get(_BUILD_ERROR, None)
+    bin_dir = config.stash.get(_BIN_DIR, None)
+    if error is None and bin_dir is None:  # requested dynamically, after our collection hook
         try:
             bin_dir = build_binaries()
         except HarnessError as exc:
-            pytest.fail(str(exc), pytrace=False)
+            error = str(exc)
+    if error is not None or bin_dir is None:
+        pytest.fail(error or "no Kubernetes binaries", pytrace=False)
     cluster = KubeCluster(bin_dir)
     try:
         cluster.start()
     except HarnessError as exc:
-        pytest.fail(
-            f"Kubernetes test control plane did not start (logs kept in {cluster.workdir}): {exc}",
-            pytrace=False,
+        error = (
+            f"Kubernetes test control plane did not start (logs kept in {cluster.workdir}): {exc}"
         )
+    if error is not None:
+        pytest.fail(error, pytrace=False)
     config.stash[_CLUSTER] = cluster
     try:
         yield cluster
@@ -113,5 +124,6 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = yield
     cluster = item.config.stash.get(_CLUSTER, None)
     if report.failed and cluster is not None and "kube" in getattr(item, "fixturenames", ()):
-        report.sections.append(("kube control plane logs", cluster.log_tails()))
+        hint = "(the temp dir is removed at exit; SIDEPROXY_KUBE_KEEP=1 keeps it)\n"
+        report.sections.append(("kube control plane logs", hint + cluster.log_tails()))
     return report

@@ -217,6 +217,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+_WORKDIR_PREFIX = "sideproxy-kube-"
+_OWNER_FILE = "owner.pid"
+_KEEP_FILE = "KEEP"
+
+
+def _reap_stale_workdirs() -> None:
+    """Remove temp dirs of earlier runs that were SIGKILLed before their teardown ran."""
+    for d in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+        if (d / _KEEP_FILE).exists():
+            continue
+        try:
+            pid = int((d / _OWNER_FILE).read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # not ours to judge (no pid file yet, or someone else's process)
+
+
 @dataclass
 class _Process:
     """One control-plane binary in its own process group, logging to a file."""
@@ -244,12 +263,12 @@ class _Process:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 10.0, first_signal: signal.Signals = signal.SIGTERM) -> None:
         proc, self.popen = self.popen, None
         if proc is None:
             return
         # start_new_session made the child a group leader: kill the group, not just the pid.
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        for sig, wait in ((first_signal, grace), (signal.SIGKILL, 10.0)):
             if proc.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):
@@ -372,18 +391,21 @@ class KubeCluster:
     """etcd + kube-apiserver + kube-controller-manager on 127.0.0.1, torn down by ``stop()``.
 
     Admin access is a client certificate in ``system:masters``; ``kubeconfig`` points at it.
-    Not running: scheduler, kubelet, and the controllers that need them, plus the
-    service-account controllers (namespaces get no ``default`` ServiceAccount, and the
-    ServiceAccount admission plugin is off so Pods are still accepted).
+    The controller-manager runs only ``CONTROLLERS``. Not running: scheduler, kubelet and every
+    controller that needs them, nor the service-account controllers (namespaces get no
+    ``default`` ServiceAccount; the ServiceAccount admission plugin is off so Pods are still
+    accepted, and stay Pending forever).
     """
 
     def __init__(self, bin_dir: Path, workdir: Path | None = None) -> None:
         self.bin_dir = Path(bin_dir)
         self.versions = read_versions()
         self._own_workdir = workdir is None
-        self.workdir = (
-            Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sideproxy-kube-"))
-        )
+        if workdir is None:
+            _reap_stale_workdirs()
+            workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+            (workdir / _OWNER_FILE).write_text(str(os.getpid()))
+        self.workdir = Path(workdir)
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.apiserver_port = 0
         self._etcd_url = ""
@@ -411,6 +433,13 @@ class KubeCluster:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for child processes (an operator under test, a script): KUBECONFIG is
+        the admin kubeconfig, helm/kubectl caches live in the temp dir, loopback bypasses proxies.
+        """
+        return dict(self._env)
 
     @property
     def logs(self) -> dict[str, Path]:
@@ -445,13 +474,24 @@ class KubeCluster:
         self._stopped = True
         atexit.unregister(self.stop)
         keep = keep_workdir or bool(os.environ.get("SIDEPROXY_KUBE_KEEP"))
-        if self._own_workdir and not keep:
+        if not self._own_workdir:
+            return
+        if keep:
+            (self.workdir / _KEEP_FILE).touch()  # kept on purpose: never reaped
+        else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def stop_apiserver(self) -> None:
-        """Stop only kube-apiserver; etcd and its data stay, so start_apiserver() resumes."""
+    def stop_apiserver(self, *, crash: bool = False) -> None:
+        """Stop only kube-apiserver; etcd and its data stay, so start_apiserver() resumes.
+
+        By default a graceful SIGTERM (open watches end, ~1 s); ``crash=True`` SIGKILLs it, so
+        clients see connections drop mid-flight.
+        """
         if self._apiserver is not None:
-            self._apiserver.stop()
+            self._apiserver.stop(
+                grace=0.0 if crash else 10.0,
+                first_signal=(signal.SIGKILL if crash else signal.SIGTERM),
+            )
 
     def start_apiserver(self, timeout: float = START_TIMEOUT) -> None:
         """(Re)start kube-apiserver on the same port against the same etcd; waits for /readyz."""
@@ -463,9 +503,9 @@ class KubeCluster:
             self._controller_manager.start()  # it may give up while the apiserver is away
 
     @contextlib.contextmanager
-    def apiserver_down(self) -> Iterator[None]:
+    def apiserver_down(self, *, crash: bool = False) -> Iterator[None]:
         """``with kube.apiserver_down(): ...`` runs the block with the API server stopped."""
-        self.stop_apiserver()
+        self.stop_apiserver(crash=crash)
         try:
             yield
         finally:

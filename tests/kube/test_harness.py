@@ -186,12 +186,13 @@ def test_versions(kube: KubeCluster) -> None:
     assert f"kube: '{major}.{minor}'" in rendered
 
 
-def test_apiserver_restart(kube: KubeCluster, namespace: str) -> None:
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+def test_apiserver_restart(kube: KubeCluster, namespace: str, crash: bool) -> None:
     core = k8s_client.CoreV1Api(kube.api_client())
     survivor = k8s_client.V1ConfigMap(metadata=k8s_client.V1ObjectMeta(name="survivor"))
     core.create_namespaced_config_map(namespace, survivor)
 
-    with kube.apiserver_down():
+    with kube.apiserver_down(crash=crash):
         down = kube.kubectl("get", "namespaces", "--request-timeout=5s", check=False)
         assert down.returncode != 0
         with pytest.raises(urllib3.exceptions.HTTPError):
