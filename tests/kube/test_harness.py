@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -173,17 +174,25 @@ def test_versions(kube: KubeCluster) -> None:
     assert client["clientVersion"]["gitVersion"] == pinned["K8S_VERSION"]
 
     assert kube.helm("version", "--short").stdout.startswith(pinned["HELM_VERSION"])
-    # helm's default .Capabilities (for `helm template` without a cluster) follow the pin.
-    major, minor = pinned["K8S_VERSION"].lstrip("v").split(".")[:2]
-    chart = kube.workdir / "caps-chart"
+
+
+def test_helm_template_and_install(kube: KubeCluster, namespace: str, tmp_path: Path) -> None:
+    major, minor = read_versions()["K8S_VERSION"].lstrip("v").split(".")[:2]
+    chart = tmp_path / "caps"
     (chart / "templates").mkdir(parents=True)
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: caps\nversion: 0.1.0\n")
     caps = "{{ .Capabilities.KubeVersion.Major }}.{{ .Capabilities.KubeVersion.Minor }}"
     (chart / "templates" / "cm.yaml").write_text(
         f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: caps}}\ndata: {{kube: '{caps}'}}\n"
     )
+    # Offline rendering uses helm's built-in default, which the build pins to the cluster's.
     rendered = kube.helm("template", "caps", str(chart)).stdout
     assert f"kube: '{major}.{minor}'" in rendered
+
+    kube.helm("install", "caps", str(chart), "-n", namespace, "--wait", "--timeout=60s")
+    got = kube.kubectl("get", "configmap", "caps", "-n", namespace, "-o", "jsonpath={.data.kube}")
+    assert got.stdout == f"{major}.{minor}"
+    assert "caps" in kube.helm("list", "-n", namespace, "-q").stdout.split()
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
