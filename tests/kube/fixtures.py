@@ -5,7 +5,7 @@
 - ``kubectl`` / ``helm`` (function): ``kube.kubectl`` / ``kube.helm``.
 
 The binaries are built (or found in the cache) once, right after collection and only when a
-selected test uses ``kube``, so a cold ~20 minute build never counts against a test's timeout.
+selected test uses ``kube``, so a cold ~11 minute build never counts against a test's timeout.
 A failed build or start-up fails the tests loudly, with log tails; nothing is ever skipped.
 """
 
