@@ -123,32 +123,45 @@ removes it, as Helm drops null values when it merges them.
 {{- end }}
 
 {{/*
-What the operator does in each namespace it serves (see sideproxy/operator/__init__.py, which
-lists every call it makes). Namespaced mode renders these rules as a Role per watched namespace;
-cluster-wide mode (operator.watchNamespaces empty) as one ClusterRole.
+What the operator does in each namespace it serves: exactly the table in the docstring of
+sideproxy/operator/__init__.py (tests/chart/test_rbac.py compares the two). Namespaced mode
+renders these rules as a Role per watched namespace, cluster-wide mode (operator.watchNamespaces
+empty) as one ClusterRole. kopf runs with scanning disabled and peering off, so it needs no
+cluster-scoped access to Namespaces, CRDs or peering objects; discovery (/apis) is open to every
+authenticated user.
 */}}
 {{- define "sideproxy.operator.rules" -}}
-# Its own resources: kopf lists and watches them, patches its finalizers/annotations on them...
+# kopf's indices and event handlers list and watch the pools and keys...
 - apiGroups: ["sideproxy.dev"]
   resources: ["creditpools", "poolkeys"]
-  verbs: ["get", "list", "watch", "patch"]
-# ...and the operator writes their status (phase, cool-downs, counters, conditions).
+  verbs: ["list", "watch"]
+# ...and the operator writes their status: phase, cool-downs, counters, conditions.
 - apiGroups: ["sideproxy.dev"]
   resources: ["creditpools/status", "poolkeys/status"]
-  verbs: ["get", "patch", "update"]
-# The routing ConfigMap and key Secret it writes for each pool; it reads the key Secrets that
-# PoolKeys and clientAuth name.
+  verbs: ["patch"]
+# The pool owns its <pool>-routing ConfigMap and <pool>-keys Secret (ownerReferences with
+# blockOwnerDeletion, which OwnerReferencesPermissionEnforcement checks against this verb).
+- apiGroups: ["sideproxy.dev"]
+  resources: ["creditpools/finalizers"]
+  verbs: ["update"]
+# Secrets: it indexes the ones PoolKeys and clientAuth name (values stay in memory) and writes
+# each pool's <pool>-keys. No delete: the garbage collector removes what a deleted pool owned.
 - apiGroups: [""]
-  resources: ["configmaps", "secrets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-# The proxies' 429/401 reports arrive as core Events (list/watch); kopf and the operator post and
-# update their own.
+  resources: ["secrets"]
+  verbs: ["list", "watch", "get", "create", "update"]
+# The routing ConfigMaps it writes.
 - apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch", "list", "watch"]
-- apiGroups: ["events.k8s.io"]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "update"]
+# Its own Events on transitions (kopf's event posting is off).
+- apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end }}
+
+{{/* The operator's leader-election Lease: its name, unique per release. */}}
+{{- define "sideproxy.operator.leaseName" -}}
+{{- include "sideproxy.operator.fullname" . }}
 {{- end }}
 
 {{/* NetworkPolicy egress rules both components need: DNS and the API server. */}}
