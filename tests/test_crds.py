@@ -116,7 +116,9 @@ def test_defaults_equal_the_models_defaults() -> None:
         assert prop["default"] == built[name], name
     weight = _schema("poolkeys.sideproxy.dev.yaml")["root"]["properties"]["spec"]["properties"]
     assert weight["weight"] == {
-        "description": "Share of the tier's traffic; 0 keeps the key configured but idle.",
+        # kubectl explain prints only the description, so it carries the default and bounds.
+        "description": "Share of the tier's traffic; 0 keeps the key configured but idle. "
+        "Default: 1. Range: >= 0, <= 1000.",
         "type": "integer",
         "default": 1,
         "minimum": 0,
