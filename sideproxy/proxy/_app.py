@@ -162,10 +162,9 @@ class Runtime:
             raise
         except Exception as exc:
             log.error(
-                "config source %r failed (%s: %s); keeping the last good table",
-                self.source,
+                "config source %s failed (%s); keeping the last good table",
+                _describe(self.source),
                 type(exc).__name__,
-                exc,
             )
         finally:
             self.first_event.set()
@@ -292,6 +291,8 @@ def create_app(
     time, for tests.
     """
     settings = settings or ProxySettings()
+    if source is not None and not callable(getattr(source, "snapshots", None)):
+        raise TypeError(f"source must have a snapshots() method, not {type(source).__name__}")
     pool = pool if pool is not None else ManagedCreditPool()
     app = web.Application(
         client_max_size=settings.max_body_size,
@@ -325,11 +326,17 @@ def create_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/sideproxy/status", _status)
     app.router.add_get("/status", _status)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    # (?s): a decoded path may hold a newline; the forwarder, not the router, rejects it.
+    app.router.add_route("*", "/{tail:(?s:.*)}", forwarder.handle)
 
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_source_ctx)
     return app
+
+
+def _describe(source: object) -> str:
+    """A source's name for logs: its type only. A repr could print key material."""
+    return type(source).__name__
 
 
 class _NoSource:
@@ -377,8 +384,8 @@ async def _source_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(runtime.first_event.wait(), timeout)
     except TimeoutError:
         log.warning(
-            "no routing table from %r after %.0fs; answering 503 until one arrives",
-            runtime.source,
+            "no routing table from %s after %.0fs; answering 503 until one arrives",
+            _describe(runtime.source),
             timeout,
         )
     try:
