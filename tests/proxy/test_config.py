@@ -23,6 +23,7 @@ from sideproxy.proxy import (
     Snapshot,
     load_file,
 )
+from sideproxy.translate import ManifestError
 from tests.proxy.conftest import (
     SECRETS,
     VIRTUAL_KEY,
@@ -202,8 +203,6 @@ async def test_env_source_with_a_bad_provider_is_rejected() -> None:
 
 
 def test_load_file_errors_name_the_problem(tmp_path: Path) -> None:
-    from sideproxy.translate import ManifestError
-
     path = tmp_path / "pool.yaml"
     path.write_text("- a list\n")
     with pytest.raises(ManifestError, match="mapping"):

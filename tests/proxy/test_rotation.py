@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ async def test_sequential_requests_rotate_over_keys(proxy: Proxy) -> None:
         for _ in range(6):
             raw = await client.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
             served.append(raw.headers["x-fake-key"])
-    assert all(a != b for a, b in zip(served, served[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(served))
     assert Counter(served) == {K(f"key-{i}", SECRETS[i - 1]).fp: 2 for i in (1, 2, 3)}
 
 
@@ -213,10 +214,14 @@ async def test_stream_failure_after_first_byte_ends_the_stream_without_retry(
     fake.add_faults(SECRETS[0], "reset:2")
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
-        received = []
-        with pytest.raises(openai.APIError, match="upstream stream broke off"):
+        received: list[object] = []
+
+        async def consume() -> None:
             async for chunk in stream:
                 received.append(chunk)
+
+        with pytest.raises(openai.APIError, match="upstream stream broke off"):
+            await consume()
     assert len(received) == 2
     assert sum(fake.stats().values()) == 1  # no duplicate output from another key
 

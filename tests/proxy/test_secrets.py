@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 
 import aiohttp
 import openai
@@ -92,8 +94,10 @@ async def test_no_key_value_in_logs_metrics_status_or_errors(
     assert any(getattr(r, "key", None) == "key-1" for r in caplog.records)  # names are logged
 
 
-def test_reprs_hold_no_secret(fake_url: str = "http://127.0.0.1:9/v1") -> None:
-    snap = snapshot(manifests({"custom": fake_url}, keys(2), virtual_keys=[VIRTUAL_KEY]))
+def test_reprs_hold_no_secret() -> None:
+    snap = snapshot(
+        manifests({"custom": "http://127.0.0.1:9/v1"}, keys(2), virtual_keys=[VIRTUAL_KEY])
+    )
     compiled = compile_snapshot(snap, ProxySettings(virtual_keys=("vk-SECRET-x",)), 0.0)
     for text in (
         repr(snap),
@@ -105,9 +109,6 @@ def test_reprs_hold_no_secret(fake_url: str = "http://127.0.0.1:9/v1") -> None:
 
 
 def test_json_log_format_is_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-    import sys
-
     root = logging.getLogger()
     saved, level = list(root.handlers), root.level
     configure_logging("json", "INFO", sys.stderr)
