@@ -1,6 +1,7 @@
 """The floor for an aiohttp proxy: a bare pass-through with round-robin keys (reference only).
 
-    python bench/bare_proxy.py --port 9300 --upstream http://127.0.0.1:9100/v1 --keys k1,k2 --vk bench-vk
+    python bench/bare_proxy.py --port 9300 --upstream http://127.0.0.1:9100/v1 \\
+        --keys k1,k2 --vk bench-vk
 
 One ClientSession, uvloop, no access log, a virtual-key check, keys rotated per request, body
 read once, the response streamed back chunk by chunk. No retries, no cool-downs, no metrics: what
@@ -60,7 +61,9 @@ def main() -> None:
     app = web.Application()
     app.cleanup_ctx.append(session_ctx)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, loop=uvloop.new_event_loop())
+    web.run_app(
+        app, host="127.0.0.1", port=args.port, access_log=None, loop=uvloop.new_event_loop()
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from urllib.parse import urlsplit
 
 import aiohttp
+import uvloop
 
 BODY = {
     "model": "bench-model",
@@ -82,7 +83,7 @@ async def stream(args: argparse.Namespace) -> dict[str, object]:
                 return
             try:
                 await one(session, i)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
     timeout = aiohttp.ClientTimeout(total=30)
@@ -116,7 +117,7 @@ async def storm(args: argparse.Namespace) -> dict[str, object]:
                 async with session.post(args.url, data=body, headers=headers) as resp:
                     await resp.read()
                     status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 status = -1
             results.append((time.monotonic() - start, status))
 
@@ -184,13 +185,7 @@ def main() -> None:
     for u in (args.url, args.stats):
         if u and urlsplit(u).hostname not in ("127.0.0.1", "localhost"):
             sys.exit(f"refusing a non-loopback URL: {u}")
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    result = runner(stream(args) if args.mode == "stream" else storm(args))
+    result = uvloop.run(stream(args) if args.mode == "stream" else storm(args))
     print(json.dumps(result))
 
 

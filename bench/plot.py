@@ -1,6 +1,6 @@
 """results.json -> small PNG plots (matplotlib, Agg): throughput/CPU, latency percentiles, streams.
 
-    python bench/plot.py bench/results/results.json --out bench/results/
+python bench/plot.py bench/results/results.json --out bench/results/
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare"]
 LABELS = {

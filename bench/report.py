@@ -22,6 +22,7 @@ LABELS = {
     "bare": "bare aiohttp (floor)",
 }
 REF = "sideproxy"
+X = "\u00d7"  # multiplication sign
 
 
 def fnum(x: float | None, digits: int = 1) -> str:
@@ -36,7 +37,7 @@ def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0 or a <= 0 or b < 0:
         return "—"
     r = a / b
-    return f"{r:,.0f}×" if r >= 100 else f"{r:.2f}×" if r < 10 else f"{r:.1f}×"
+    return f"{r:,.0f}{X}" if r >= 100 else f"{r:.2f}{X}" if r < 10 else f"{r:.1f}{X}"
 
 
 def ms(us: float | None) -> float | None:
@@ -135,9 +136,7 @@ def s2(res: dict[str, Any]) -> list[str]:
         out += [
             "",
             "Upstream headroom check (direct req/s vs the closed-loop ideal conns / 20 ms): "
-            + ", ".join(
-                f"c={c}: {d[c]['ok_rps']:,.0f} of {ideal[c]:,.0f}" for c in ideal if c in d
-            )
+            + ", ".join(f"c={c}: {d[c]['ok_rps']:,.0f} of {ideal[c]:,.0f}" for c in ideal if c in d)
             + ".",
         ]
     out += [
@@ -241,7 +240,7 @@ def s5(res: dict[str, Any]) -> list[str]:
         "| ---: | ---: | ---: |",
     ]
     for n in sorted(p):
-        out.append(f"| {n:,} | {p[n]:,.0f} | {p[n] / p[min(p)]:.2f}× |")
+        out.append(f"| {n:,} | {p[n]:,.0f} | {p[n] / p[min(p)]:.2f}{X} |")
     out.append("")
     return out
 
@@ -269,7 +268,7 @@ def verdict(value: float | None, limit: float, unit: str, digits: int = 1) -> tu
         margin = (limit - value) / limit if limit else 0.0
         return v, f"**met** ({margin:.0%} under)"
     over = value / limit if limit > 0 else math.inf
-    return v, f"**missed** by {value - limit:.{digits}f} {unit} ({over:.2f}× the limit)".replace(
+    return v, f"**missed** by {value - limit:.{digits}f} {unit} ({over:.2f}{X} the limit)".replace(
         "  ", " "
     )
 
@@ -293,7 +292,11 @@ def targets(res: dict[str, Any]) -> list[str]:
         b = get(["2_latency", "results", "direct", "16", f"{p}_us"])
         val = (a - b) / 1e3 if a is not None and b is not None else None
         rows.append(
-            (f"added latency, c=16, 20 ms upstream, {p}", f"≤ {limit} ms", *verdict(val, limit, "ms", 2))
+            (
+                f"added latency, c=16, 20 ms upstream, {p}",
+                f"≤ {limit} ms",
+                *verdict(val, limit, "ms", 2),
+            )
         )
     a = get(["3_streaming", "results", REF, "ttfb_ms", "p50"])
     b = get(["3_streaming", "results", "direct", "ttfb_ms", "p50"])
@@ -307,16 +310,27 @@ def targets(res: dict[str, Any]) -> list[str]:
         )  # fmt: skip
         v = storm["after_settle"]["attempts_per_request"]
         rows.append(
-            ("429 storm: attempts per request once the key cools", "≤ 1.05", *verdict(v, 1.05, "", 3))
+            (
+                "429 storm: attempts per request once the key cools",
+                "≤ 1.05",
+                *verdict(v, 1.05, "", 3),
+            )
         )
     else:
         rows.append(("429 storm", "0 errors, ≤ 1.05", "—", "not measured"))
     pick = get(["5_pick", "pick_ns"])
     if pick:
         r = pick["10000"] / pick["10"]
-        rows.append(("pick cost at 10,000 keys vs 10", "≤ 1.5×", f"{r:.2f}×", verdict(r, 1.5, "")[1]))
+        rows.append(
+            ("pick cost at 10,000 keys vs 10", f"≤ 1.5{X}", f"{r:.2f}{X}", verdict(r, 1.5, "")[1])
+        )
     rows.append(("cluster propagation", "—", "—", "not measured yet"))
-    out = ["### Targets", "", "| target | limit | measured | verdict |", "| --- | --- | ---: | --- |"]
+    out = [
+        "### Targets",
+        "",
+        "| target | limit | measured | verdict |",
+        "| --- | --- | ---: | --- |",
+    ]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     out.append("")
     return out
@@ -324,11 +338,14 @@ def targets(res: dict[str, Any]) -> list[str]:
 
 def meta(res: dict[str, Any]) -> list[str]:
     m = res["meta"]
+    dirty = " (uncommitted changes in sideproxy/)" if m["sideproxy_dirty"] else ""
+    nginx = m["nginx"].replace("nginx version: ", "")
+    wrk = " ".join(m["wrk"].split()[:2])
     return [
         f"Run: {m['date_utc']} ({m['mode']}, {m.get('wall_s', '?')} s), {m['cpu']}, "
         f"{m['cores']} cores, kernel {m['kernel']}; {m['python']}, aiohttp/uvloop "
-        f"{m['aiohttp_uvloop']}; {m['nginx']}; {m['wrk']}; LiteLLM {m['litellm']}; Side Proxy "
-        f"at {m['sideproxy_commit']}{' (uncommitted changes in sideproxy/)' if m['sideproxy_dirty'] else ''}.",
+        f"{m['aiohttp_uvloop']}; {nginx}; {wrk}; LiteLLM {m['litellm']}; Side Proxy "
+        f"at {m['sideproxy_commit']}{dirty}.",
         "",
     ]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ import signal
 import sys
 import time
 
+import uvloop
 from aiohttp import web
 
 COMPLETION = json.dumps(
@@ -184,12 +186,7 @@ def make_app(args: argparse.Namespace, counters: Counters) -> web.Application:
 
 def serve(args: argparse.Namespace, counters: Counters, row: int) -> None:
     counters.row = row
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a project dependency
-        loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     runner = web.AppRunner(make_app(args, counters), access_log=None, handle_signals=False)
     loop.run_until_complete(runner.setup())
@@ -225,10 +222,8 @@ def main() -> None:
         serve(args, counters, 0)
     finally:
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for pid in children:
             os.waitpid(pid, 0)
     sys.exit(0)

@@ -1,0 +1,212 @@
+"""Before/after for candidate fixes: each variant is Side Proxy run from a patched temporary copy.
+
+    taskset -c 1 .venv/bin/python bench/variants.py --out bench/results [--reps 3] [--seconds 8]
+
+Nothing under sideproxy/ is edited: each variant copies the package to a temp dir, applies
+text patches (an exact old -> new replacement that must match once, else the variant is
+reported as "did not apply") and/or passes CLI flags, and runs with PYTHONPATH pointing at the
+copy. Variants run interleaved (round-robin over ``--reps`` rounds) against the canned nginx
+upstream with wrk -c64, so drift hits them all alike; the table gives medians and the change
+against the baseline of the same run. "Upper bound" variants remove a feature outright: they
+measure what that feature costs, they are not proposals to drop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
+Patch = tuple[str, str, str]  # (file under sideproxy/, old, new)
+
+GC_TUNE: Patch = (
+    "proxy/_server.py",
+    "    app = create_app(settings, source, on_transitions=on_transitions)\n",
+    "    app = create_app(settings, source, on_transitions=on_transitions)\n"
+    "    import gc; gc.collect(); gc.freeze(); gc.set_threshold(10_000, 50, 100)  # noqa\n",
+)
+LEAN_LOG_RECORD: Patch = (
+    "proxy/_logging.py",
+    "    root = logging.getLogger()\n",
+    "    root = logging.getLogger()\n"
+    "    # Logging HOWTO, 'Optimization': skip caller lookup and thread/process fields.\n"
+    "    logging._srcfile = None  # type: ignore[attr-defined]\n"
+    "    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False\n",
+)
+NO_JSON_CHECK: Patch = (
+    "proxy/_forward.py",
+    "                    json.loads(body)  # validity only: the bytes go upstream untouched\n",
+    "                    pass\n",
+)
+NO_METRICS: list[Patch] = [
+    ("proxy/_forward.py", "        metrics.inflight.inc()\n", ""),
+    ("proxy/_forward.py", "            metrics.inflight.dec()\n", ""),
+    *[
+        ("proxy/_metrics.py", sig, sig + "        return\n")
+        for sig in (
+            "    def upstream(self, key: str, provider: str, status: str) -> None:\n",
+            "    def client(self, provider: str, status: int) -> None:\n",
+            "    def latency(self, provider: str, seconds: float) -> None:\n",
+            "    def ttfb(self, provider: str, seconds: float) -> None:\n",
+        )
+    ],
+]
+
+
+@dataclass
+class Variant:
+    name: str
+    description: str
+    patches: list[Patch] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    upper_bound: bool = False
+
+
+VARIANTS = [
+    Variant("baseline", "defaults, as shipped"),
+    Variant("no-access-log", "`--no-access-log` (flag exists)", args=["--no-access-log"]),
+    Variant(
+        "lean-log-record",
+        "access log on, `logging._srcfile = None` + `logThreads/logProcesses/logMultiprocessing"
+        " = False` in `configure_logging` (Logging HOWTO, Optimization)",
+        patches=[LEAN_LOG_RECORD],
+    ),
+    Variant(
+        "gc-freeze",
+        "`gc.collect(); gc.freeze(); gc.set_threshold(10_000, 50, 100)` before `run_app` in "
+        "`_server._run`",
+        patches=[GC_TUNE],
+    ),
+    Variant(
+        "no-metrics (upper bound)",
+        "Prometheus calls on the request path removed",
+        patches=NO_METRICS,
+        upper_bound=True,
+    ),
+    Variant(
+        "no-json-check (upper bound)",
+        "`json.loads(body)` validity check removed",
+        patches=[NO_JSON_CHECK],
+        upper_bound=True,
+    ),
+    Variant(
+        "gc-freeze + no-access-log",
+        "the two cheapest wins together",
+        patches=[GC_TUNE],
+        args=["--no-access-log"],
+    ),
+    Variant(
+        "gc-freeze + lean-log-record",
+        "keeps the access log on by default",
+        patches=[GC_TUNE, LEAN_LOG_RECORD],
+    ),
+]
+
+
+def build(variant: Variant, root: Path) -> tuple[Path | None, str | None]:
+    if not variant.patches:
+        return None, None
+    dest = root / variant.name.replace(" ", "_").replace("(", "").replace(")", "")
+    shutil.copytree(harness.ROOT / "sideproxy", dest / "sideproxy")
+    for rel, old, new in variant.patches:
+        path = dest / "sideproxy" / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            return None, f"patch did not apply to {rel} (the code changed): {old.strip()[:80]!r}"
+        path.write_text(text.replace(old, new))
+    return dest, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="sideproxy-variants-"))
+    chosen = [v for v in VARIANTS if not args.only or v.name in args.only.split(",")]
+    hargs = argparse.Namespace(
+        quick=True, upstream_workers=2, retry_after=2, sideproxy_args=[], sideproxy_env={}
+    )
+    bench = harness.Bench(hargs, workdir)
+    built: dict[str, tuple[Path | None, str | None]] = {
+        v.name: build(v, workdir / "copies") for v in chosen
+    }
+    runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in chosen}
+    try:
+        upstream = bench.start_canned()
+        for rep in range(args.reps):
+            for v in chosen:
+                copy, error = built[v.name]
+                if error:
+                    continue
+                bench.args.sideproxy_args = v.args
+                bench.args.sideproxy_env = {"PYTHONPATH": str(copy)} if copy else {}
+                with bench.target("sideproxy", upstream) as t:
+                    if t is None:
+                        continue
+                    r = bench.measure_wrk(t, 64, args.seconds, warmup=2)
+                    runs[v.name].append(r)
+                    harness.log(
+                        f"  round {rep + 1} {v.name}: {r['ok_rps']:.0f} req/s, "
+                        f"{r['cpu_us_per_req']:.1f} us CPU/req, other load on core 0 "
+                        f"{r['foreign_cpu0']:.0%}"
+                    )
+    finally:
+        bench.procs.stop_all()
+    summary = []
+    for v in chosen:
+        rs = runs[v.name]
+        row: dict[str, Any] = {
+            "name": v.name,
+            "description": v.description,
+            "upper_bound": v.upper_bound,
+            "error": built[v.name][1],
+            "runs": rs,
+        }
+        if rs:
+            row["cpu_us_per_req"] = statistics.median(r["cpu_us_per_req"] for r in rs)
+            row["ok_rps"] = statistics.median(r["ok_rps"] for r in rs)
+            row["errors"] = sum(sum(r["errors"].values()) for r in rs)
+        summary.append(row)
+    base = next((s for s in summary if s["name"] == "baseline" and "cpu_us_per_req" in s), None)
+    lines = [
+        f"### Before/after: patched copies of the package, median of {args.reps} interleaved "
+        f"rounds, wrk -c64, {args.seconds} s each, zero-latency upstream",
+        "",
+        "| variant | what changes | CPU µs/req | vs baseline | req/s | vs baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summary:
+        if "cpu_us_per_req" not in s:
+            lines.append(f"| {s['name']} | {s['description']} | {s['error'] or 'failed'} | | | |")
+            continue
+        dc = dr = "—"
+        if base and s is not base:
+            diff = s["cpu_us_per_req"] - base["cpu_us_per_req"]
+            dc = f"{diff:+.0f} µs ({s['cpu_us_per_req'] / base['cpu_us_per_req'] - 1:+.0%})"
+            dr = f"{s['ok_rps'] / base['ok_rps'] - 1:+.0%}"
+        lines.append(
+            f"| {s['name']} | {s['description']} | {s['cpu_us_per_req']:.0f} | {dc} | "
+            f"{s['ok_rps']:,.0f} | {dr} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "variants.json").write_text(json.dumps({"variants": summary}, indent=2) + "\n")
+    (out / "variants.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
