@@ -22,6 +22,7 @@ from sideproxy.models import (
     API_GROUP,
     API_VERSION,
     POOL_LABEL,
+    TABLE_SIZE_LIMIT,
     VIRTUAL_KEYS_DATA_KEY,
     KeyPhase,
 )
@@ -78,6 +79,7 @@ class Options:
     max_delay_seconds: float = 2.0
     resync_seconds: float = 300.0
     write_concurrency: int = 16
+    table_size_limit: int = TABLE_SIZE_LIMIT
 
 
 def _first(values: Collection[Any] | None) -> Any:
@@ -112,6 +114,7 @@ class Reconciler:
         )
         self._patched: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._key_pool: dict[tuple[str, str], str] = {}
+        self._reported: set[PoolId] = set()
 
     async def close(self) -> None:
         await self.workers.close()
@@ -175,6 +178,7 @@ class Reconciler:
 
     def resync(self) -> None:
         """Reconcile everything the indices know (start of leadership)."""
+        self._reported.clear()
         for pool_id in {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}:
             self.workers.poke(pool_id)
 
@@ -247,32 +251,41 @@ class Reconciler:
             Owner(namespace, name, pool.ref.uid),
             translation,
             floor_version=floor if isinstance(floor, int) else 0,
+            size_limit=self._opt.table_size_limit,
         )
-        if written.table_written or written.secret_written:
+        statuses = await self._write_keys(keys, verdicts, stamp)
+        statuses += await self._write_pool(pool, _facts(translation, verdicts, written), stamp)
+        wrote = [
+            *(["table"] if written.table_written else []),
+            *(["key material"] if written.secret_written else []),
+            *([f"{statuses} status(es)"] if statuses else []),
+        ]
+        if wrote or pool_id not in self._reported:
+            # Once per pool per start (or leadership), then only when something was written.
+            self._reported.add(pool_id)
             log.info(
-                "pool %s/%s: table version %s (%s)%s, %d of %d keys usable",
+                "pool %s/%s: table version %s (%s), %d of %d keys usable; %s",
                 namespace,
                 name,
                 written.version,
                 (written.hash or "")[:12],
-                " + key material" if written.secret_written else "",
                 translation.usable_keys,
                 len(keys),
+                "wrote " + ", ".join(wrote) if wrote else "in sync",
             )
-        await self._write_keys(keys, verdicts, stamp)
-        await self._write_pool(pool, _facts(translation, verdicts, written), stamp)
         deadlines = [k.cooldown_until for k in translation.table.keys if k.cooldown_until]
         return Outcome(deadline=min(deadlines) if deadlines else None)
 
     async def _write_keys(
         self, keys: list[KeyRecord], verdicts: Mapping[str, KeyVerdict], stamp: str
-    ) -> None:
+    ) -> int:
+        """Patch the statuses that differ; the number patched."""
         gate = asyncio.Semaphore(self._opt.write_concurrency)
 
-        async def one(key: KeyRecord) -> None:
+        async def one(key: KeyRecord) -> bool:
             verdict = verdicts.get(key.name)
             if verdict is None or self._stale("PoolKey", key.ref):
-                return
+                return False
             where = "the Secret"
             if key.spec is not None:
                 ref = key.spec.secret_ref
@@ -280,7 +293,7 @@ class Reconciler:
             desired = status_of(verdict, key.status, key.ref.generation, stamp, where)
             patch = status_patch(key.status, desired)
             if not patch:
-                return
+                return False
             event = key_event(verdict, key.status)
             async with gate:
                 if event is not None:
@@ -295,21 +308,23 @@ class Reconciler:
                         "poolkeys", key.ref.namespace, key.name, patch, **_GV
                     )
                 except NotFound:
-                    return  # deleted meanwhile; its deletion event triggers the next run
+                    return False  # deleted meanwhile; its deletion event triggers the next run
             self._remember("PoolKey", key.ref, result)
+            return True
 
         outcomes = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        return sum(1 for outcome in outcomes if outcome is True)
 
-    async def _write_pool(self, pool: PoolRecord, facts: PoolFacts, stamp: str) -> None:
+    async def _write_pool(self, pool: PoolRecord, facts: PoolFacts, stamp: str) -> int:
         if self._stale("CreditPool", pool.ref):
-            return
+            return 0
         desired = pool_status(facts, pool.status, pool.ref.generation, stamp)
         patch = status_patch(pool.status, desired)
         if not patch:
-            return
+            return 0
         for event in pool_events(facts, pool.status):
             await self._api.post_event(
                 pool.ref.involved(GROUP_VERSION),
@@ -322,8 +337,9 @@ class Reconciler:
                 "creditpools", pool.ref.namespace, pool.ref.name, patch, **_GV
             )
         except NotFound:
-            return
+            return 0
         self._remember("CreditPool", pool.ref, result)
+        return 1
 
     def _remember(self, kind: str, ref: ObjectRef, result: Mapping[str, Any]) -> None:
         after = str((result.get("metadata") or {}).get("resourceVersion", ""))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import socket
@@ -208,6 +209,9 @@ class Runtime:
     async def stop(self) -> None:
         if self.reconciler is not None:
             await self.reconciler.close()
+            if self.api is not None:
+                log.info("API writes: %s", json.dumps(dict(sorted(self.api.writes.items()))))
+            self.reconciler = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
