@@ -53,6 +53,7 @@ def test_install_upgrade_uninstall(kube: KubeCluster, namespace: str, tmp_path: 
             assert _exists(kube, kind_name, "-n", ns), kind_name
         assert _exists(kube, f"clusterrole/{cluster_role}")
         assert _exists(kube, f"clusterrolebinding/{cluster_role}")
+        assert _exists(kube, f"clusterrole/{ns}-team-a-view")
         for crd in CRDS:  # from crds/ (skipped by Helm if an earlier install created them)
             established = kube.kubectl(
                 "get", f"crd/{crd}", "-o",
@@ -95,6 +96,7 @@ def test_install_upgrade_uninstall(kube: KubeCluster, namespace: str, tmp_path: 
             assert not _exists(kube, kind_name, "-n", ns), f"{kind_name} survived uninstall"
         assert not _exists(kube, f"clusterrole/{cluster_role}")
         assert not _exists(kube, f"clusterrolebinding/{cluster_role}")
+        assert not _exists(kube, f"clusterrole/{ns}-team-a-view")
         # What Helm never deletes: the CRDs, and with them the user's pools.
         for crd in CRDS:
             assert _exists(kube, f"crd/{crd}"), crd

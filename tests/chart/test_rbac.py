@@ -159,6 +159,30 @@ def test_cluster_wide_operator(kube: KubeCluster, namespace: str, tmp_path: Path
         kube.helm("uninstall", "rel", "--namespace", namespace, "--wait=false", check=False)
 
 
+def test_default_roles_learn_the_crds(kube: KubeCluster, release: str) -> None:
+    """``view`` reads pools and keys, ``edit`` changes them; neither gets more than that."""
+    ns = release
+    viewer = kube.service_account_kubeconfig(ns, "viewer")
+    editor = kube.service_account_kubeconfig(ns, "editor")
+    for who, role in (("viewer", "view"), ("editor", "edit")):
+        kube.kubectl(
+            "create", "rolebinding", who, "-n", ns, f"--clusterrole={role}",
+            f"--serviceaccount={ns}:{who}",
+        )  # fmt: skip
+    kube.wait_for(
+        lambda: can_i(kube, viewer, "list", "poolkeys.sideproxy.dev", "-n", ns)
+        and can_i(kube, editor, "create", "creditpools.sideproxy.dev", "-n", ns),
+        timeout=30, message="the aggregation controller to fill view/edit",
+    )  # fmt: skip
+    assert can_i(kube, viewer, "get", "creditpools.sideproxy.dev", "-n", ns)
+    assert not can_i(kube, viewer, "create", "poolkeys.sideproxy.dev", "-n", ns)
+    assert not can_i(kube, viewer, "patch", "poolkeys.sideproxy.dev", "--subresource=status",
+                     "-n", ns)  # fmt: skip
+    assert can_i(kube, editor, "delete", "poolkeys.sideproxy.dev", "-n", ns)
+    assert not can_i(kube, editor, "patch", "creditpools.sideproxy.dev", "--subresource=status",
+                     "-n", ns)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------
 # The operator's own account of its calls, and the chart's rules, must be the same thing.
 

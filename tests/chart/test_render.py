@@ -57,7 +57,9 @@ def test_lint_strict(kube: KubeCluster, tmp_path: Path, features: str) -> None:
 def test_defaults_render_the_core(kube: KubeCluster, tmp_path: Path) -> None:
     docs = render(kube, tmp_path, release="team-a", namespace="llm")
     assert kinds(docs) == [
+        "ClusterRole/llm-team-a-edit",
         "ClusterRole/llm-team-a-operator",
+        "ClusterRole/llm-team-a-view",
         "ClusterRoleBinding/llm-team-a-operator",
         "Deployment/team-a-operator",
         "Deployment/team-a-proxy",
@@ -115,7 +117,10 @@ def test_all_features_render(kube: KubeCluster, tmp_path: Path) -> None:
         "RoleBinding/rel-operator",
         "ServiceMonitor/rel-proxy",
     } <= set(kinds(docs))
-    assert not [d for d in docs if d["kind"].startswith("Cluster")], "namespaced mode"
+    cluster_scoped = [d for d in docs if d["kind"].startswith("Cluster")]
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in cluster_scoped} == {
+        "rbac"
+    }, "namespaced mode: the only cluster-scoped objects are the aggregated user roles"
     proxy = one(docs, "Deployment", "rel-proxy")
     assert "replicas" not in proxy["spec"], "the HPA owns the replica count"
     args = proxy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -211,7 +216,8 @@ def test_image_reference(kube: KubeCluster, tmp_path: Path) -> None:
 def test_operator_only_and_proxy_only_releases(kube: KubeCluster, tmp_path: Path) -> None:
     operator_only = render(kube, tmp_path, {"proxy": {"enabled": False}})
     assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in operator_only} == {
-        "operator"
+        "operator",
+        "rbac",
     }
     proxy_only = render(kube, tmp_path, {"operator": {"enabled": False}, "proxy": {"pool": "b"}})
     assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in proxy_only} == {"proxy"}
