@@ -192,6 +192,16 @@ async def write_table(
             *kept, False, False, Cond(TABLE_WRITTEN, "False", "TableTooLarge", message)
         )
 
+    material_size = sum(len(k) + len(v.encode()) for k, v in translation.material.items())
+    if material_size > size_limit:
+        message = (
+            f"key material is {material_size} bytes, over the {size_limit}-byte Secret limit; "
+            "split the pool"
+        )
+        return TableWrite(
+            *kept, False, False, Cond(TABLE_WRITTEN, "False", "KeyMaterialTooLarge", message)
+        )
+
     existing_secret = await api.get_secret(owner.namespace, secret_name)
     if existing_secret is not None and not controlled_by(existing_secret, owner):
         return TableWrite(*kept, False, False, _not_owned("Secret", secret_name))

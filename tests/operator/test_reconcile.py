@@ -385,3 +385,14 @@ async def test_secret_event_keeps_only_referenced_values(fake: FakeKube, clock: 
     assert poked == [(NS, "p")]
     assert len(rec.secrets) == 1
     assert "CANARY" not in repr(rec.secrets)
+
+
+async def test_key_material_over_the_limit_is_a_condition(fake: FakeKube, clock: Clock) -> None:
+    await reconciler(fake, clock).reconcile((NS, "p"))
+    size = len(table(fake).to_json())
+    fake.put("secrets", secret(NS, "groq", {"a": "gsk_" + "x" * (size + 100), "b": CANARIES[1]}))
+    await reconciler(fake, clock, table_size_limit=size + 50).reconcile((NS, "p"))
+    conds = {c["type"]: c for c in status(fake, "creditpools", "p")["conditions"]}
+    assert conds["TableWritten"]["reason"] == "KeyMaterialTooLarge"
+    assert material(fake)["k-a"] == CANARIES[0]
+    assert table(fake).version == 1
