@@ -419,3 +419,21 @@ def test_thousand_keys_without_a_write_storm(
         "sideproxy.dev", "v1alpha1", cluster.ns, "poolkeys"
     )["items"]
     assert {s.get("status", {}).get("phase") for s in statuses} == {"Ready"}
+
+
+def test_survives_an_api_server_outage(
+    kube: KubeCluster, cluster: Cluster, operator: Operator
+) -> None:
+    three_key_pool(cluster)
+    wait_table(cluster, "p", ["k-a", "k-b", "k-c"])
+    with kube.apiserver_down():
+        assert operator.proc is not None
+        assert operator.proc.poll() is None
+    cluster.apply(secret_manifest("groq", {"a": ROTATED, "b": B}))
+    cluster.wait(
+        lambda: (cluster.material("p") or {}).get("k-a") == ROTATED,
+        timeout=90,
+        what="rotation after the outage",
+    )
+    assert operator.proc.poll() is None
+    assert_no_leak(cluster, [operator])
