@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.chart import values_doc
 from tests.chart._helm import (
     CHART,
     MANIFESTS,
@@ -279,6 +280,14 @@ def test_every_value_has_a_comment() -> None:
         if not any(documented.get(leaf[:n]) for n in range(1, len(leaf) + 1))
     ]
     assert not missing, f"values.yaml: no '# --' comment for {missing}"
+
+
+def test_docs_values_table_is_current() -> None:
+    generated = values_doc.table((CHART / "values.yaml").read_text())
+    assert values_doc.documented(values_doc.DOC.read_text()) == generated, (
+        "docs/helm.md's values table is stale: python -m tests.chart.values_doc --write"
+    )
+    assert len(values_doc.rows((CHART / "values.yaml").read_text())) > 60
 
 
 def test_schema_is_closed_everywhere() -> None:
