@@ -31,15 +31,15 @@ COPY constraints.txt ./
 RUN pip --python /opt/venv/bin/python install --no-cache-dir --only-binary=:all: \
         -r constraints.txt
 
-# Then the package itself: build its wheel, install it under the same constraints (which must
-# already be satisfied: a dependency missing from constraints.txt fails here, not at run time).
+# Then the package itself: build its wheel and install it under the same constraints, offline
+# (so a dependency missing from constraints.txt fails the build here, not the pod at run time),
+# check the result and compile it once, since the root filesystem is read-only at run time.
 COPY pyproject.toml README.md ./
 COPY sideproxy ./sideproxy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
         --find-links /wheels -c constraints.txt side-proxy \
     && pip --python /opt/venv/bin/python check \
-    # Compile once here: the root filesystem is read-only at run time.
     && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib
 
 # ---------------------------------------------------------------------------------- runtime
