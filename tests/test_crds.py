@@ -188,3 +188,11 @@ def test_converter_refuses_what_it_cannot_express() -> None:
 
     with pytest.raises(crds.SchemaError, match="anyOf"):
         crds.openapi_schema(Either)
+
+
+def test_docs_field_reference_is_current() -> None:
+    text = crds.DOCS.read_text(encoding="utf-8")
+    assert crds.REFERENCE_BEGIN in text
+    assert crds.docs_with_reference(text) == text, "run: python -m sideproxy.crds --docs"
+    for field in ("spec.weight", "spec.providers[].baseURL", "status.conditions[].type"):
+        assert f"`{field}`" in text
