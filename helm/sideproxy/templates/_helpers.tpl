@@ -30,17 +30,17 @@ The prefix of every object name: the release name (so `helm install llm` gives `
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels on every object. */}}
+{{/* Labels on every object: the app.kubernetes.io set, then commonLabels (which cannot
+override them). */}}
 {{- define "sideproxy.labels" -}}
-helm.sh/chart: {{ include "sideproxy.chart" . }}
-app.kubernetes.io/name: {{ include "sideproxy.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: sideproxy
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- $labels := dict
+  "helm.sh/chart" (include "sideproxy.chart" .)
+  "app.kubernetes.io/name" (include "sideproxy.name" .)
+  "app.kubernetes.io/instance" (.Release.Name | trunc 63 | trimSuffix "-")
+  "app.kubernetes.io/version" (.Chart.AppVersion | trunc 63 | trimSuffix "-")
+  "app.kubernetes.io/managed-by" .Release.Service
+  "app.kubernetes.io/part-of" "sideproxy" }}
+{{- toYaml (merge $labels (.Values.commonLabels | default dict)) }}
 {{- end }}
 
 {{/* Immutable selector labels of one component: call with (dict "ctx" $ "component" "proxy"). */}}
@@ -52,8 +52,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* All labels of one component's objects: (dict "ctx" $ "component" "proxy"). */}}
 {{- define "sideproxy.componentLabels" -}}
-{{ include "sideproxy.labels" .ctx }}
-app.kubernetes.io/component: {{ .component }}
+{{- $labels := include "sideproxy.labels" .ctx | fromYaml }}
+{{- toYaml (merge (dict "app.kubernetes.io/component" .component) $labels) }}
 {{- end }}
 
 {{/* The image reference; the tag defaults to the chart's appVersion, a digest wins over both. */}}
@@ -177,17 +177,17 @@ authenticated user.
       port: 53
     - protocol: TCP
       port: 53
-# The Kubernetes API server (its endpoints' addresses when networkPolicy.apiServer.cidrs is set).
-- {{- with .Values.networkPolicy.apiServer.cidrs }}
+# The Kubernetes API server (only its endpoints' addresses when networkPolicy.apiServer.cidrs is set).
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with .Values.networkPolicy.apiServer.cidrs }}
   to:
     {{- range . }}
     - ipBlock:
         cidr: {{ . }}
     {{- end }}
   {{- end }}
-  ports:
-    {{- range .Values.networkPolicy.apiServer.ports }}
-    - protocol: TCP
-      port: {{ . }}
-    {{- end }}
 {{- end }}
