@@ -102,7 +102,7 @@ async def stream(args: argparse.Namespace) -> dict[str, object]:
 async def storm(args: argparse.Namespace) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
     body = json.dumps(BODY).encode()
-    results: list[tuple[float, int]] = []  # (finish time, status or -1)
+    results: list[tuple[float, int]] = []  # (send time, status or -1)
     start = time.monotonic()
     end = start + args.seconds
     cap = args.max_requests
@@ -113,13 +113,14 @@ async def storm(args: argparse.Namespace) -> dict[str, object]:
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while time.monotonic() < end and len(results) < cap:
+            sent = time.monotonic() - start
             try:
                 async with session.post(args.url, data=body, headers=headers) as resp:
                     await resp.read()
                     status = resp.status
             except (TimeoutError, aiohttp.ClientError):
                 status = -1
-            results.append((time.monotonic() - start, status))
+            results.append((sent, status))
 
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=args.concurrency + 2)
@@ -127,9 +128,9 @@ async def storm(args: argparse.Namespace) -> dict[str, object]:
         before = await stats(session)
         tasks = [asyncio.create_task(worker(session)) for _ in range(args.concurrency)]
         await asyncio.sleep(min(args.settle, args.seconds))
-        settled_at = time.monotonic() - start
-        settled_count = len(results)
         at_settle = await stats(session)
+        # Requests sent after this snapshot are compared with the attempts counted after it.
+        settled_at = time.monotonic() - start
         await asyncio.gather(*tasks)
         after = await stats(session)
 
@@ -147,7 +148,7 @@ async def storm(args: argparse.Namespace) -> dict[str, object]:
     statuses: dict[str, int] = {}
     for _, s in results:
         statuses[str(s)] = statuses.get(str(s), 0) + 1
-    late = [s for t, s in results[settled_count:]]
+    late = [s for t, s in results if t >= settled_at]
     all_att = attempts(before, after)
     late_att = attempts(at_settle, after)
     n = len(results)

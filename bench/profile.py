@@ -230,6 +230,9 @@ def main() -> None:
         retry_after=2,
         sideproxy_args=args.sideproxy_args,
         sideproxy_env=dict(kv.split("=", 1) for kv in args.sideproxy_env),
+        quiet_threshold=0.1,
+        quiet_wait=15.0,
+        quiet_budget=60.0,
     )
     bench = harness.Bench(hargs, workdir)
     try:

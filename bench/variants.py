@@ -126,19 +126,113 @@ def build(variant: Variant, root: Path) -> tuple[Path | None, str | None]:
     return dest, None
 
 
+def latency(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="sideproxy-variants-"))
+    chosen = [v for v in VARIANTS if not args.only or v.name in args.only.split(",")]
+    hargs = argparse.Namespace(
+        quick=True,
+        upstream_workers=2,
+        retry_after=2,
+        sideproxy_args=[],
+        sideproxy_env={},
+        quiet_threshold=0.1,
+        quiet_wait=15.0,
+        quiet_budget=300.0,
+    )
+    bench = harness.Bench(hargs, workdir)
+    built = {v.name: build(v, workdir / "copies") for v in chosen}
+    runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in chosen}
+    try:
+        upstream = bench.start_py()
+        direct = bench.start_target("direct", upstream)
+        for rep in range(args.reps):
+            d = bench.measure_wrk(direct, 16, args.seconds, warmup=1)
+            ds = harness.loadclient("stream", direct.url, direct.token, "--requests", "200")
+            for v in chosen:
+                copy, error = built[v.name]
+                if error:
+                    continue
+                bench.args.sideproxy_args = v.args
+                bench.args.sideproxy_env = {"PYTHONPATH": str(copy)} if copy else {}
+                with bench.target("sideproxy", upstream) as t:
+                    if t is None:
+                        continue
+                    r = bench.measure_wrk(t, 16, args.seconds, warmup=1)
+                    st = harness.loadclient("stream", t.url, t.token, "--requests", "200")
+                    row = {
+                        f"added_{p}_ms": (r[f"{p}_us"] - d[f"{p}_us"]) / 1e3
+                        for p in ("p50", "p90", "p99")
+                    } | {
+                        "added_ttfb_p50_ms": st["ttfb_ms"]["p50"] - ds["ttfb_ms"]["p50"],
+                        "added_ttfb_p99_ms": st["ttfb_ms"]["p99"] - ds["ttfb_ms"]["p99"],
+                        "wrk": r,
+                        "stream": st,
+                    }
+                    runs[v.name].append(row)
+                    harness.log(
+                        f"  round {rep + 1} {v.name}: added p50 {row['added_p50_ms']:.2f} ms, "
+                        f"p99 {row['added_p99_ms']:.2f} ms; stream TTFB added p50 "
+                        f"{row['added_ttfb_p50_ms']:.2f} ms, p99 {row['added_ttfb_p99_ms']:.2f} ms"
+                    )
+    finally:
+        bench.procs.stop_all()
+    keys = ("added_p50_ms", "added_p99_ms", "added_ttfb_p50_ms", "added_ttfb_p99_ms")
+    lines = [
+        f"### Before/after, latency: 20 ms upstream, wrk -c16 {args.seconds} s and 200 streams "
+        f"at concurrency 8, minus direct in the same round; median of {args.reps} rounds",
+        "",
+        "| variant | added p50 ms | added p99 ms | stream added TTFB p50 ms | "
+        "stream added TTFB p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    summary = []
+    for v in chosen:
+        rs = runs[v.name]
+        row: dict[str, Any] = {"name": v.name, "error": built[v.name][1], "runs": rs}
+        if rs:
+            row |= {k: statistics.median(r[k] for r in rs) for k in keys}
+            lines.append(f"| {v.name} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
+        else:
+            lines.append(f"| {v.name} | {row['error'] or 'failed'} | | | |")
+        summary.append(row)
+    text = "\n".join(lines) + "\n"
+    (out / "variants-latency.json").write_text(json.dumps({"variants": summary}, indent=2) + "\n")
+    (out / "variants-latency.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument(
+        "--scenario",
+        choices=("throughput", "latency"),
+        default="throughput",
+        help="throughput: canned upstream, wrk -c64 (CPU/request); latency: 20 ms upstream, "
+        "wrk -c16 percentiles and 200 streams at concurrency 8, each minus direct's",
+    )
     args = parser.parse_args()
+    if args.scenario == "latency":
+        latency(args)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="sideproxy-variants-"))
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only.split(",")]
     hargs = argparse.Namespace(
-        quick=True, upstream_workers=2, retry_after=2, sideproxy_args=[], sideproxy_env={}
+        quick=True,
+        upstream_workers=2,
+        retry_after=2,
+        sideproxy_args=[],
+        sideproxy_env={},
+        quiet_threshold=0.1,
+        quiet_wait=15.0,
+        quiet_budget=300.0,
     )
     bench = harness.Bench(hargs, workdir)
     built: dict[str, tuple[Path | None, str | None]] = {
