@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -290,8 +289,3 @@ def key_manifest(name: str, pool: str, secret: str, key: str, **spec: Any) -> di
         "metadata": {"name": name},
         "spec": {"pool": pool, "secretRef": {"name": secret, "key": key}, **spec},
     }
-
-
-def monotonic_deadline(seconds: float) -> Callable[[], bool]:
-    end = time.monotonic() + seconds
-    return lambda: time.monotonic() < end

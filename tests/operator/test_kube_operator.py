@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -437,3 +438,35 @@ def test_survives_an_api_server_outage(
     )
     assert operator.proc.poll() is None
     assert_no_leak(cluster, [operator])
+
+
+def test_a_reported_cool_down_expires_on_its_own(cluster: Cluster, operator: Operator) -> None:
+    """What a proxy report will write (a later issue) reaches the table, and ends by itself."""
+    three_key_pool(cluster)
+    wait_phase(cluster, "k-a", "Ready")
+    until = datetime.now(UTC) + timedelta(seconds=4)
+    stamp = until.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    patch = {"status": {"cooldownUntil": stamp, "rateLimitedCount": 2}}
+    cluster.kubectl(
+        "patch", "poolkey", "k-a", "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+    )
+    cooling = cluster.wait(
+        lambda: (t := cluster.table("p")) and t.keys[0].state.value == "cooling" and t,
+        what="k-a cooling in the table",
+    )
+    assert abs(cooling.keys[0].cooldown_until - until.timestamp()) < 0.01
+    assert wait_phase(cluster, "k-a", "CoolingDown")["cooldownUntil"] == stamp
+    row = {r["NAME"]: r for r in columns(cluster.kubectl("get", "pk").stdout)}["k-a"]
+    assert (row["STATE"], row["COOLDOWN-UNTIL"], row["429S"]) == ("CoolingDown", stamp, "2")
+    assert cluster.status("creditpools", "p")["keysCooling"] == 1
+
+    # No trigger from here on: the operator's own timer brings the key back.
+    ready = cluster.wait(
+        lambda: (t := cluster.table("p")) and t.keys[0].state.value == "ready" and t,
+        timeout=15,
+        what="k-a back in rotation",
+    )
+    assert ready.version == cooling.version + 1
+    status = wait_phase(cluster, "k-a", "Ready")
+    assert "cooldownUntil" not in status
+    assert status["rateLimitedCount"] == 2  # the operator never touches the counters
