@@ -192,19 +192,21 @@ class _Display:
         table = Table(
             title=f"sideproxy demo: {elapsed:4.1f}s of {seconds:.0f}s",
             caption=(
+                "served: 200s the provider sent via the key; tries: upstream attempts\n"
                 f"client: {traffic.sent} sent, {traffic.ok} ok ({traffic.streamed} streamed), "
                 f"[{'red' if traffic.errors else 'green'}]{traffic.errors} errors[/]"
             ),
         )
-        for column in ("key", "fingerprint", "tier", "weight", "state", "rests for",
-                       "served", "429s", "upstream tries"):  # fmt: skip
-            table.add_column(column, justify="left" if column in ("key", "state") else "right")
+        for column in ("key", "fp", "tier·w", "state", "rests", "served", "429s", "tries"):
+            table.add_column(
+                column, justify="left" if column in ("key", "state") else "right", no_wrap=True
+            )
         for s in statuses:
             style = _STYLE.get(s.health, "")
             table.add_row(
-                s.name, s.fingerprint, str(s.tier), str(s.weight),
-                f"[{style}]{s.health}[/]", _rest(s, now),
-                str(served.get(s.fingerprint, 0)), str(s.rate_limited), str(s.requests),
+                s.name, s.fingerprint, f"{s.tier}·{s.weight}", f"[{style}]{s.health}[/]",
+                _rest(s, now), str(served.get(s.fingerprint, 0)), str(s.rate_limited),
+                str(s.requests),
             )  # fmt: skip
         return table
 

@@ -61,7 +61,7 @@ class Compiled:
     retry_budget: float
     first_byte: float
     idle_stream: float
-    timeout: ClientTimeout  # per attempt: total, connect, and sock_read = first byte
+    timeout: ClientTimeout  # first attempt: total, connect, sock_read = first byte (<= budget)
     connect: float
     total: float
     loaded_at: float
@@ -161,7 +161,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
             total=timeouts.total_seconds,
             connect=timeouts.connect_seconds,
             sock_connect=timeouts.connect_seconds,
-            sock_read=timeouts.first_byte_seconds,
+            sock_read=min(timeouts.first_byte_seconds, ts.retry.total_timeout_seconds),
         ),
         connect=timeouts.connect_seconds,
         total=timeouts.total_seconds,

@@ -6,12 +6,14 @@ Per request::
     loop (max_attempts, retry budget):
         key = pool.acquire(provider, now, exclude=tried)      None -> stop
         send upstream with the key's auth header
-        429 / 401 / 403 / 5xx / connect error / timeout      -> release, next key at once
+        429 / 401 / 5xx / connect error / timeout            -> release, next key at once
         anything else, with a known length <= buffer_limit  -> read whole, answer
         SSE, unsized or large                               -> stream chunk by chunk, no retry
     spent: the last provider answer (429 gets the pool's Retry-After), else 502/504, else 429.
 
-401/403 are retried too: they say the *key* is bad (the pool revokes it), not the request.
+401 is retried too: it says the *key* is bad (the pool revokes it), not the request. 403 is
+not: it is as often about the request (a model, a region) as about the key, so retrying it
+could walk a whole pool into revocation for one odd request.
 Every ``acquire`` is matched by exactly one ``release``, on every path including cancellation.
 """
 
@@ -57,7 +59,7 @@ TransitionHook = Callable[[list[Transition]], None]
 log = logging.getLogger("sideproxy.proxy")
 access_log = logging.getLogger("sideproxy.access")
 
-_RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED, Outcome.SERVER_ERROR})
+_RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.SERVER_ERROR})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _INFO = logging.INFO
 _monotonic = time.monotonic
@@ -292,8 +294,9 @@ class Forwarder:
 
             status = resp.status
             outcome = Outcome.from_status(status)
+            retry = outcome in _RETRY_OUTCOMES or status == 401
             length = resp.content_length
-            if outcome not in _RETRY_OUTCOMES and (
+            if not retry and (
                 length is None
                 or length > self._buffer_limit
                 or resp.content_type == "text/event-stream"
@@ -329,7 +332,7 @@ class Forwarder:
             resp.release()
             metrics.latency(provider, _monotonic() - sent)
             self._release(key, outcome, resp.headers, provider, str(status))
-            if outcome in _RETRY_OUTCOMES:
+            if retry:
                 failure = _Failure(status, resp.headers, payload)
                 continue
             metrics.ttfb(provider, _monotonic() - started)
@@ -390,7 +393,11 @@ class Forwarder:
             out.content_length = resp.content_length
         connection = resp.connection
         if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = compiled.idle_stream  # silence between chunks
+            # Longest silence between chunks from now on (restart the timer with the new value).
+            protocol = connection.protocol
+            protocol.read_timeout = compiled.idle_stream
+            if not protocol._reading_paused:  # paused: aiohttp restarts it on resume
+                protocol.start_timeout()
         content = resp.content
         broke: BaseException | None = None
         client_gone = False

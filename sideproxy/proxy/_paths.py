@@ -41,6 +41,10 @@ _UNSAFE = re.compile(
 )
 
 
+# The query passes through verbatim; it only must not smuggle in bytes a request line can't hold.
+_UNSAFE_QUERY = re.compile(r"[^\x21-\x7e]|#")
+
+
 def parse_target(raw: str) -> tuple[str | None, str, str]:
     """Split a raw request target into ``(provider prefix or None, rest after /v1, query)``.
 
@@ -51,6 +55,8 @@ def parse_target(raw: str) -> tuple[str | None, str, str]:
     path, _, query = raw.partition("?")
     if not path.startswith("/") or _UNSAFE.search(path) is not None:
         raise BadRequest("request path is not allowed", code="invalid_path")
+    if query and _UNSAFE_QUERY.search(query) is not None:
+        raise BadRequest("request query string is not allowed", code="invalid_path")
     if path.startswith("/v1/") or path == "/v1":
         return None, path[3:], query
     second = path.find("/", 1)

@@ -202,3 +202,9 @@ def test_parse_target_outside_v1_is_not_found(raw: str) -> None:
 def test_parse_target_rejects_unsafe(raw: str) -> None:
     with pytest.raises(BadRequest):
         parse_target(raw)
+
+
+@pytest.mark.parametrize("raw", ["/v1/models?a=\x7f", "/v1/models?a=é", "/v1/models?a=1#frag"])
+def test_parse_target_rejects_unsafe_queries(raw: str) -> None:
+    with pytest.raises(BadRequest):
+        parse_target(raw)

@@ -294,3 +294,31 @@ async def test_100_concurrent_requests_through_diag_spread_by_weight(
     assert abs(result.per_key["w2"] - 50) <= 2
     assert abs(result.per_key["w1a"] - 25) <= 2
     assert abs(result.per_key["w1b"] - 25) <= 2
+
+
+async def test_403_is_passed_through_not_retried(
+    fake: FakeProvider, proxy: Proxy, http: aiohttp.ClientSession
+) -> None:
+    fake.add_faults(SECRETS[0], 403)
+    resp = await _chat(http, proxy)
+    assert resp.status == 403
+    assert sum(fake.stats().values()) == 1
+
+
+async def test_idle_stream_timeout_ends_the_stream_with_an_error_frame(
+    fake: FakeProvider, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    docs = manifests(
+        {"custom": fake.base_url}, keys(1), spec={"timeouts": {"idleStreamSeconds": 0.2}}
+    )
+    proxy = await start_proxy(snapshot(docs))
+    fake.configure(stream_chunks=3, stream_interval=0.6)
+    async with http.post(
+        proxy.base_url + "/chat/completions", json={**CHAT, "stream": True}
+    ) as resp:
+        assert resp.status == 200
+        body = (await resp.read()).decode()
+    frames = [line for line in body.splitlines() if line.startswith("data: ")]
+    assert len(frames) == 2  # the first chunk, then the proxy's error frame
+    assert '"code": "upstream_timeout"' in frames[-1]
+    assert "[DONE]" not in body
