@@ -306,9 +306,7 @@ class CreditPoolSpec(_Model):
         RetryPolicy,
         Field(default_factory=RetryPolicy, description="Retry budget on 429, 5xx and errors."),
     ]
-    timeouts: Annotated[
-        Timeouts, Field(default_factory=Timeouts, description="Upstream timeouts.")
-    ]
+    timeouts: Annotated[Timeouts, Field(default_factory=Timeouts, description="Upstream timeouts.")]
     breaker: Annotated[
         BreakerPolicy,
         Field(default_factory=BreakerPolicy, description="Per-key circuit breaker."),
@@ -381,9 +379,7 @@ class PoolKeySpec(_Model):
             "and cool down together.",
         ),
     ]
-    disabled: Annotated[
-        bool, Field(default=False, description="Take the key out of rotation.")
-    ]
+    disabled: Annotated[bool, Field(default=False, description="Take the key out of rotation.")]
 
 
 # --------------------------------------------------------------------------- status
@@ -394,9 +390,7 @@ class Condition(_Model):
     status: Annotated[Literal["True", "False", "Unknown"], Field(description="True/False/Unknown.")]
     reason: Annotated[str, Field(description="CamelCase reason for the last transition.")]
     message: Annotated[str, Field(default="", description="Human-readable detail.")]
-    last_transition_time: Annotated[
-        str, Field(description="When status last changed (RFC 3339).")
-    ]
+    last_transition_time: Annotated[str, Field(description="When status last changed (RFC 3339).")]
     observed_generation: Annotated[
         int | None, Field(default=None, description="metadata.generation this was computed for.")
     ]
@@ -411,8 +405,8 @@ _CONDITIONS_FIELD: Any = Field(
 
 class PoolKeyStatus(_Model):
     phase: Annotated[
-        KeyPhase | None, Field(default=None, description="Ready, CoolingDown, Revoked, Invalid "
-                               "or Disabled.")
+        KeyPhase | None,
+        Field(default=None, description="Ready, CoolingDown, Revoked, Invalid or Disabled."),
     ]
     cooldown_until: Annotated[
         str | None,

@@ -122,7 +122,8 @@ def translate(
         state, until = _health(key, print_, now)
         if state is KeyState.REVOKED:
             verdict = KeyVerdict(
-                KeyPhase.REVOKED, "Unauthorized",
+                KeyPhase.REVOKED,
+                "Unauthorized",
                 "the provider rejected this key (401/403); change the Secret or spec to retry",
                 print_,
             )
