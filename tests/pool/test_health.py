@@ -18,7 +18,8 @@ def health(pool: ManagedCreditPool, name: str, now: float = NOW) -> KeyHealth:
 
 def use(pool: ManagedCreditPool, name: str, outcome: Outcome, headers=None, now=NOW):  # type: ignore[no-untyped-def]
     key = pool.acquire("groq", now, exclude={k for k in ("a", "b", "c") if k != name})
-    assert key is not None and key.name == name
+    assert key is not None
+    assert key.name == name
     return pool.release(key, outcome, now, headers)
 
 
@@ -95,7 +96,8 @@ def test_breaker_opens_probes_and_closes() -> None:
     assert health(pool, "a", NOW + 10) is KeyHealth.HALF_OPEN
     # Half-open: exactly one probe goes through.
     probe = pool.acquire("groq", NOW + 10, exclude={"b"})
-    assert probe is not None and probe.name == "a"
+    assert probe is not None
+    assert probe.name == "a"
     assert pool.acquire("groq", NOW + 10, exclude={"b"}) is None
     assert [c.reason for c in pool.release(probe, Outcome.OK, NOW + 10)] == ["Recovered"]
     assert health(pool, "a", NOW + 10) is KeyHealth.READY

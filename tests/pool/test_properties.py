@@ -85,4 +85,5 @@ def test_tiers_honoured_when_all_healthy(specs: list[tuple[int, int]]) -> None:
     best = min(t for t, _ in specs)
     for _ in range(3 * len(specs)):
         key = pool.acquire("groq", NOW)
-        assert key is not None and key.tier == best
+        assert key is not None
+        assert key.tier == best

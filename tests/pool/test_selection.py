@@ -50,9 +50,12 @@ def test_exclude_gives_the_next_key_then_the_next_tier() -> None:
     first = pool.acquire("groq", NOW)
     assert first is not None
     second = pool.acquire("groq", NOW, exclude={first.name})
-    assert second is not None and second.name != first.name and second.tier == 0
+    assert second is not None
+    assert second.name != first.name
+    assert second.tier == 0
     third = pool.acquire("groq", NOW, exclude={first.name, second.name})
-    assert third is not None and third.name == "c"
+    assert third is not None
+    assert third.name == "c"
     assert pool.acquire("groq", NOW, exclude={"a", "b", "c"}) is None
 
 
