@@ -43,7 +43,7 @@ def test_chart_metadata() -> None:
     assert chart["apiVersion"] == "v2"
     assert chart["version"] == "0.1.0"
     assert chart["appVersion"] == "0.1.0"
-    assert chart["kubeVersion"] == ">=1.30.0-0"
+    assert chart["kubeVersion"] == ">=1.32.0-0"
 
 
 @pytest.mark.parametrize("features", ["defaults", "all-on"])
