@@ -47,7 +47,8 @@ BODY = (
 )
 
 PORT_CANNED, PORT_PY = 19101, 19102
-PORTS = {"sideproxy": 19201, "nginx": 19202, "litellm": 19203, "bare": 19204}
+PORTS = {"sideproxy": 19201, "nginx": 19202, "litellm": 19203, "bare": 19204, "raw": 19205}
+RAW_LIBS = CACHE / "raw-libs"  # httptools, for the raw-protocol prototype only
 
 COMPLETION = (
     '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,'
@@ -421,6 +422,13 @@ class Bench:
             cmd = [str(PY), str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream",
                    f"{upstream}/v1", "--keys", ",".join(KEYS), "--vk", VK]  # fmt: skip
             env, timeout = {}, 20.0
+        elif name == "raw":
+            t = Target(name, "raw-protocol prototype", VK, url=url)
+            if not (RAW_LIBS / "httptools").exists():
+                raise RuntimeError(f"httptools is not installed in {RAW_LIBS}")
+            cmd = [str(PY), str(BENCH / "raw_proxy.py"), "--port", str(port), "--upstream",
+                   f"127.0.0.1:{up_port}", "--keys", ",".join(KEYS), "--vk", VK]  # fmt: skip
+            env, timeout = {"PYTHONPATH": str(RAW_LIBS)}, 20.0
         elif name == "nginx":
             t = Target(name, "nginx key-injector", VK, url=url)
             t.version = self.results["meta"]["nginx"].split("/")[-1]
@@ -558,7 +566,7 @@ class Bench:
     def scenario1(self, targets: list[str]) -> None:
         log("scenario 1: throughput and CPU per request, zero-latency upstream (nginx canned)")
         reps = 1 if self.quick else 3
-        seconds = 4 if self.quick else 8
+        seconds = 4 if self.quick else 6
         out: dict[str, Any] = {"conns": 64, "seconds": seconds, "reps": reps, "results": {}}
         upstream = self.start_canned()
         started: dict[str, Target] = {}
@@ -603,7 +611,7 @@ class Bench:
         log("scenarios 2-4: 20 ms upstream (Python, uvloop, SO_REUSEPORT), streaming, 429 storm")
         upstream = self.start_py()
         stats_url = f"{upstream}/_fake/stats"
-        seconds = 3 if self.quick else 6
+        seconds = 3 if self.quick else 5
         reps = 1 if self.quick else 2
         s2: dict[str, Any] = {"seconds": seconds, "delay_ms": 20, "reps": reps, "results": {}}
         s3: dict[str, Any] = {
@@ -656,7 +664,7 @@ class Bench:
                     )
             if 4 in which:
                 for name, t in started.items():
-                    if name in ("direct", "bare"):
+                    if name in ("direct", "bare", "raw"):  # no pool to cool a key in
                         continue
                     http(f"{upstream}/_fake/limit", b"k2")
                     try:
@@ -718,7 +726,7 @@ class Bench:
             if 1 in only:
                 self.scenario1(targets)
             if only & {2, 3, 4}:
-                self.scenarios234([t for t in targets if t != "bare"], only)
+                self.scenarios234(targets, only)
             if 5 in only:
                 self.scenario5()
             if 6 in only:
@@ -735,7 +743,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory for results.json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="1,2,3,4,5,6")
-    parser.add_argument("--targets", default="direct,sideproxy,nginx,litellm,bare")
+    parser.add_argument("--targets", default="direct,sideproxy,nginx,litellm,bare,raw")
     parser.add_argument("--upstream-workers", type=int, default=2)
     parser.add_argument("--retry-after", type=int, default=2, help="429 storm: seconds")
     parser.add_argument("--quiet-threshold", type=float, default=0.1, help="core-0 busy share")

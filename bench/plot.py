@@ -15,13 +15,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare"]
+ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare", "raw"]
 LABELS = {
     "direct": "direct",
     "sideproxy": "Side Proxy",
     "nginx": "nginx injector",
     "litellm": "LiteLLM",
     "bare": "bare aiohttp",
+    "raw": "raw prototype",
 }
 COLORS = {
     "direct": "#9e9e9e",
@@ -29,6 +30,7 @@ COLORS = {
     "nginx": "#2ca02c",
     "litellm": "#d62728",
     "bare": "#ff7f0e",
+    "raw": "#9467bd",
 }
 DPI = 90
 

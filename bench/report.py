@@ -13,13 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare"]
+ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare", "raw"]
 LABELS = {
     "direct": "direct (no proxy)",
     "sideproxy": "**Side Proxy**",
     "nginx": "nginx key-injector",
     "litellm": "LiteLLM proxy",
     "bare": "bare aiohttp (floor)",
+    "raw": "raw-protocol prototype",
 }
 REF = "sideproxy"
 X = "\u00d7"  # multiplication sign
