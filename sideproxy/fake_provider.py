@@ -37,15 +37,26 @@ runs out behave normally). A fault is a :class:`Fault`, or in JSON / Python shor
     ``"error_frame:1"``           a stream that sends 1 chunk, then an error event, then ends
     ============================ =================================================================
 
-Any dict form also takes ``"delay"`` (seconds before headers). Faults do not count against
-the rate limit; a ``delay`` fault's request does.
+Any dict form also takes ``"delay"`` (seconds before headers). A status fault also takes
+``"headers"`` (sent with the error, e.g. ``{"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}``;
+a 429 fault with neither ``retry_after`` nor ``headers`` carries no rate-limit header at all) and
+``"code"`` (the error's ``code``; Anthropic: its ``type``). Faults do not count against the rate
+limit; a ``delay`` fault's request does.
+
+Auth errors: ``echo_keys="masked"`` makes a 401 for an unknown or revoked key quote the presented
+key the way OpenAI does (``Incorrect API key provided: sk-abc***...***wxyz``), ``"full"`` quotes
+all of it (some providers do); the default ``"none"`` quotes nothing. ``forbid_models`` answers
+403 (``permission_error``, "model not allowed") to any key for requests naming those models: a 403
+caused by the request, not the key.
 
 Runtime control (JSON): ``GET /_fake/stats`` -> ``{fingerprint: requests}``;
 ``GET /_fake/stats/status`` -> ``{fingerprint: {status: count}}``; ``POST /_fake/reset`` zeroes
 counters and windows; ``POST /_fake/config`` with any of ``limit`` (``"5/1s"`` or null),
 ``limits`` (``{key_or_fp: "2/1s" | null}``), ``revoke`` / ``restore`` (lists of keys or
 fingerprints), ``faults`` (``{key_or_fp: [fault, ...]}``, appended), ``keys`` (values to accept),
-``latency_ms``, ``stream_chunks``, ``stream_interval_ms``. Stats never show key values.
+``latency_ms``, ``stream_chunks``, ``stream_interval_ms``, ``echo_keys``, ``forbid_models``.
+Stats never show key values. ``recent`` keeps the last 1,000 requests as seen on the wire
+(method, raw target, headers with credentials masked) so a test can check what arrived.
 
 Use: ``python -m sideproxy.fake_provider --port 9000 --limit 5/1s --keys k1,k2``, or in tests
 ``async with FakeProvider(keys=[...], limit="5/1s") as fake: fake.base_url``.
@@ -113,6 +124,9 @@ class _Unset(Enum):
 
 _UNSET = _Unset.UNSET
 
+_ECHO = frozenset({"none", "masked", "full"})
+_CREDENTIALS = frozenset({"authorization", "x-api-key", "api-key"})
+
 _ACTIONS = frozenset(
     {"status", "delay", "hang", "reset", "invalid_json", "stop_early", "error_frame"}
 )
@@ -127,10 +141,16 @@ class Fault:
     delay: float = 0.0  # seconds before the response headers
     after: int = 1  # stream chunks sent before reset / stop_early / error_frame
     retry_after: float | None = None  # for a status fault: a retry-after header
+    headers: tuple[tuple[str, str], ...] = ()  # for a status fault: extra response headers
+    code: str | None = None  # for a status fault: the error's code (Anthropic: its type)
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
             raise ValueError(f"unknown fault action {self.action!r}: one of {sorted(_ACTIONS)}")
+        if isinstance(self.headers, Mapping):
+            object.__setattr__(
+                self, "headers", tuple((str(k), str(v)) for k, v in self.headers.items())
+            )
 
     @classmethod
     def parse(cls, spec: Fault | int | str | Mapping[str, Any]) -> Fault:
@@ -150,10 +170,9 @@ class Fault:
         data = dict(spec)
         action = str(data.pop("action", "status" if "status" in data else ""))
         seconds = data.pop("seconds", None)
-        fault = cls(action, **data)
         if seconds is not None:
-            fault = cls(action, fault.status, float(seconds), fault.after, fault.retry_after)
-        return fault
+            data["delay"] = float(seconds)
+        return cls(action, **data)
 
 
 def go_duration(seconds: float) -> str:
@@ -240,6 +259,8 @@ class FakeProvider:
         host: str = "127.0.0.1",
         port: int = 0,
         model: str = "fake-model",
+        echo_keys: str = "none",
+        forbid_models: Iterable[str] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -255,9 +276,21 @@ class FakeProvider:
         self.completed_streams = 0
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
+        self.echo_keys = "none"
+        self.forbid_models: frozenset[str] = frozenset()
+        # The last requests as they arrived: (method, raw target, headers, credentials masked).
+        self.recent: collections.deque[tuple[str, str, list[tuple[str, str]]]] = collections.deque(
+            maxlen=1000
+        )
         for value in keys or ():
             self._add(value)
-        self.configure(limits=limits, revoke=revoked, faults=faults)
+        self.configure(
+            limits=limits,
+            revoke=revoked,
+            faults=faults,
+            echo_keys=echo_keys,
+            forbid_models=forbid_models,
+        )
 
     # ------------------------------------------------------------------ configuration
 
@@ -288,8 +321,16 @@ class FakeProvider:
         latency: float | None = None,
         stream_chunks: int | None = None,
         stream_interval: float | None = None,
+        echo_keys: str | None = None,
+        forbid_models: Iterable[str] | None = None,
     ) -> None:
         """Change behaviour at runtime; arguments left out stay as they are."""
+        if echo_keys is not None:
+            if echo_keys not in _ECHO:
+                raise ValueError(f"echo_keys must be one of {sorted(_ECHO)}")
+            self.echo_keys = echo_keys
+        if forbid_models is not None:
+            self.forbid_models = frozenset(forbid_models)
         if not isinstance(limit, _Unset):
             self.limit = RateLimit.parse(limit)
         for value in keys:
@@ -403,6 +444,8 @@ class FakeProvider:
                 "latency_ms": self.latency * 1000,
                 "stream_chunks": self.stream_chunks,
                 "stream_interval_ms": self.stream_interval * 1000,
+                "echo_keys": self.echo_keys,
+                "forbid_models": sorted(self.forbid_models),
                 "keys": {
                     s.fp: {
                         "limit": str(s.limit) if s.limit else None,
@@ -438,6 +481,10 @@ class FakeProvider:
                 kwargs["stream_chunks"] = int(body["stream_chunks"])
             if "stream_interval_ms" in body:
                 kwargs["stream_interval"] = float(body["stream_interval_ms"]) / 1000
+            if "echo_keys" in body:
+                kwargs["echo_keys"] = str(body["echo_keys"])
+            if "forbid_models" in body:
+                kwargs["forbid_models"] = [str(m) for m in body["forbid_models"]]
             self.configure(**kwargs)
         except (ValueError, TypeError, KeyError) as exc:
             return web.json_response({"error": {"message": str(exc)}}, status=400)
@@ -446,10 +493,15 @@ class FakeProvider:
     # ------------------------------------------------------------------ the API
 
     def _error(
-        self, anthropic: bool, status: int, message: str, headers: Mapping[str, str] | None = None
+        self,
+        anthropic: bool,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        code: str | None = None,
     ) -> web.Response:
         if anthropic:
-            kind = {
+            kind = code or {
                 400: "invalid_request_error",
                 401: "authentication_error",
                 403: "permission_error",
@@ -459,13 +511,21 @@ class FakeProvider:
             }.get(status, "api_error")
             body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
         else:
-            kind, code = {
+            kind, default_code = {
                 400: ("invalid_request_error", None),
                 401: ("invalid_request_error", "invalid_api_key"),
+                403: ("invalid_request_error", None),
                 404: ("invalid_request_error", "unknown_url"),
                 429: ("requests", "rate_limit_exceeded"),
             }.get(status, ("server_error", None))
-            body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+            body = {
+                "error": {
+                    "message": message,
+                    "type": kind,
+                    "param": None,
+                    "code": code or default_code,
+                }
+            }
         return web.json_response(body, status=status, headers=headers)
 
     def _budget(self, state: _Key, now: float) -> _Budget | None:
@@ -503,7 +563,27 @@ class FakeProvider:
             h["retry-after"] = str(max(1, math.ceil(budget.reset)))
             h["retry-after-ms"] = str(max(1, round(budget.reset * 1000)))
 
+    def _record(self, request: web.Request) -> None:
+        headers = [
+            (name, "<credential>" if name.lower() in _CREDENTIALS else value)
+            for name, value in request.headers.items()
+        ]
+        self.recent.append((request.method, request.raw_path, headers))
+
+    def _rejected_key(self, value: str, why: str) -> str:
+        """A 401 message; with ``echo_keys``, quoting the key as some providers do."""
+        if self.echo_keys == "full":
+            return f"Incorrect API key provided: {value}. {why}"
+        if self.echo_keys == "masked":
+            shown = value[:8] + "*" * max(3, len(value) - 12) + value[-4:]
+            return (
+                f"Incorrect API key provided: {shown}. You can find your API key at "
+                f"https://platform.example/api-keys. ({why})"
+            )
+        return why
+
     async def _h_api(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
         path = request.path
         anthropic = path.endswith("/v1/messages")
         if "/v1" not in path:
@@ -516,7 +596,7 @@ class FakeProvider:
         state = self._keys.get(value)
         if state is None:
             if not self.open:
-                return self._error(anthropic, 401, "invalid API key")
+                return self._error(anthropic, 401, self._rejected_key(value, "invalid API key"))
             state = self._add(value)
         state.requests += 1
         response = await self._answer(request, state, anthropic, path)
@@ -540,7 +620,18 @@ class FakeProvider:
         if delay > 0:
             await asyncio.sleep(delay)
         if state.revoked:
-            return self._error(anthropic, 401, "this API key has been revoked")
+            return self._error(
+                anthropic, 401, self._rejected_key(state.value, "this API key has been revoked")
+            )
+        model = body.get("model")
+        if isinstance(model, str) and model in self.forbid_models:
+            return self._error(
+                anthropic,
+                403,
+                f"this organisation may not use model {model!r}",
+                {"x-fake-key": state.fp},
+                code="permission_error" if anthropic else "model_not_allowed",
+            )
         now = time.time()
         budget = None if fault is not None else self._budget(state, now)
         call = _Call(state, anthropic, body, budget, fault, {"x-fake-key": state.fp})
@@ -557,8 +648,13 @@ class FakeProvider:
             if fault.action == "status":
                 if fault.retry_after is not None:
                     call.headers["retry-after"] = f"{fault.retry_after:g}"
+                call.headers.update(fault.headers)
                 return self._error(
-                    anthropic, fault.status, f"fake fault: status {fault.status}", call.headers
+                    anthropic,
+                    fault.status,
+                    f"fake fault: status {fault.status}",
+                    call.headers,
+                    code=fault.code,
                 )
             if fault.action == "hang":
                 await asyncio.sleep(3600)

@@ -38,7 +38,7 @@ class KeyHealth(StrEnum):
     COOLING = "cooling"  # rate-limited until ``until``
     OPEN = "open"  # breaker open until ``until``
     HALF_OPEN = "half-open"  # one probe request allowed
-    REVOKED = "revoked"  # 401/403: out until its configuration changes
+    REVOKED = "revoked"  # 401 (or a 403 that says the key is bad): out until reconfigured
 
 
 _IN_ROTATION = frozenset({KeyHealth.READY, KeyHealth.HALF_OPEN})
@@ -51,6 +51,10 @@ class Outcome(Enum):
     SERVER_ERROR = "server_error"
     CONNECT_ERROR = "connect_error"
     TIMEOUT = "timeout"
+    # A 403 that another key did not repeat for the same request: about this key, but maybe only
+    # about what it may do (a model, a region), so it counts toward the breaker, never revokes.
+    # ``from_status`` never returns it: only the caller can tell, by trying another key.
+    FORBIDDEN = "forbidden"
     CANCELLED = "cancelled"  # the client went away; nothing learnt
 
     @classmethod
@@ -64,7 +68,9 @@ class Outcome(Enum):
         return cls.OK
 
 
-_FAILURES = frozenset({Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.TIMEOUT})
+_FAILURES = frozenset(
+    {Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.FORBIDDEN}
+)
 
 
 @dataclass(frozen=True, slots=True)

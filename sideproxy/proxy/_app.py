@@ -32,6 +32,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sideproxy.pool import ManagedCreditPool
@@ -53,6 +54,28 @@ __all__ = [
 ]
 
 log = logging.getLogger("sideproxy.proxy")
+server_log = logging.getLogger("sideproxy.server")
+
+
+class _ClientErrorFilter(logging.Filter):
+    """Rewrites aiohttp's record of a request its HTTP parser rejected (a client's fault: too
+    long, too many or invalid header lines, a bad request line, broken chunking) into one line
+    that names the problem's class and nothing the client sent: no exception text, no
+    traceback. The client got aiohttp's 400 and its connection was closed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "rejected a malformed request from %s: %s (HTTP 400, connection closed)"
+            record.args = (remote, type(exc).__name__)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+server_log.addFilter(_ClientErrorFilter())
 
 POOL = web.AppKey("sideproxy.pool", ManagedCreditPool)
 FORWARDER = web.AppKey("sideproxy.forwarder", Forwarder)
@@ -104,11 +127,17 @@ class Runtime:
             log.debug("routing table %s unchanged; nothing to do", event.table.hash[:12])
             return True
         now = self.clock()
+        origin = f"{event.origin}: " if event.origin else ""
         try:
             compiled = compile_snapshot(event, self.settings, now)
+            if self.settings.require_client_auth and not compiled.virtual_keys.required:
+                return self._reject(
+                    f"{origin}the pool turns client auth off (clientAuth.disabled) and this "
+                    "proxy was not started with --no-auth (SIDE_PROXY_NO_AUTH=1): refusing to "
+                    "serve it to anyone who can reach the port"
+                )
             self.pool.configure(compiled.keys, compiled.policy)
         except (CompileError, ValueError) as exc:
-            origin = f"{event.origin}: " if event.origin else ""
             return self._reject(f"{origin}{exc}")
         for name in compiled.revoked:
             self.pool.revoke(name, now)
@@ -300,6 +329,11 @@ def create_app(
         handler_args={
             "max_line_size": settings.max_header_size,
             "max_field_size": settings.max_header_size,
+            "max_headers": settings.max_headers,
+            "keepalive_timeout": settings.keepalive_timeout,
+            # aiohttp logs a request its parser rejects with a traceback holding the first 100
+            # bytes of the offending line (a header value: maybe a token). Ours says less.
+            "logger": server_log,
             # A client that disconnects cancels its handler, which cancels the upstream request.
             "handler_cancellation": True,
             "access_log": None,  # our own, cheaper one lives in the forwarder

@@ -6,9 +6,12 @@ Hierarchy::
     ├── BadRequest (400)            invalid_request_error: invalid_json, invalid_path, ...
     ├── Unauthorized (401)          authentication_error: invalid_virtual_key
     ├── NotFound (404)              invalid_request_error: unknown_provider, unknown_route
+    ├── RequestTimeout (408)        invalid_request_error: body_read_timeout (slow client)
     ├── BodyTooLarge (413)          invalid_request_error: body_too_large
     ├── NoKeyAvailable (429)        rate_limit_error: no_key_available (+ Retry-After)
     ├── UpstreamUnreachable (502)   proxy_error: upstream_unreachable
+    ├── UpstreamInvalid (502)       proxy_error: upstream_invalid_response (a 2xx that is not
+    │                               the JSON it claims, an oversized error body)
     ├── NotReady (503)              proxy_error: not_ready (no routing table loaded yet)
     └── UpstreamTimeout (504)       proxy_error: upstream_timeout
 
@@ -30,7 +33,9 @@ __all__ = [
     "NotFound",
     "NotReady",
     "ProxyError",
+    "RequestTimeout",
     "Unauthorized",
+    "UpstreamInvalid",
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "error_body",
@@ -98,6 +103,12 @@ class NotFound(ProxyError):
     code = "unknown_route"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    type_ = "invalid_request_error"
+    code = "body_read_timeout"
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     type_ = "invalid_request_error"
@@ -113,6 +124,11 @@ class NoKeyAvailable(ProxyError):
 class UpstreamUnreachable(ProxyError):
     status = 502
     code = "upstream_unreachable"
+
+
+class UpstreamInvalid(ProxyError):
+    status = 502
+    code = "upstream_invalid_response"
 
 
 class NotReady(ProxyError):

@@ -2,18 +2,34 @@
 
 Per request::
 
-    parse_target -> virtual key -> provider -> body (size limit, JSON validity)
+    parse_target -> virtual key -> provider -> body (size limit, read timeout, JSON validity)
     loop (max_attempts, retry budget):
         key = pool.acquire(provider, now, exclude=tried)      None -> stop
         send upstream with the key's auth header
         429 / 401 / 5xx / connect error / timeout            -> release, next key at once
-        anything else, with a known length <= buffer_limit  -> read whole, answer
-        SSE, unsized or large                               -> stream chunk by chunk, no retry
+        a 2xx whose JSON body is broken (read whole)         -> release (a failure), next key
+        403                                                  -> see below
+        an error (>= 400): read whole, up to buffer_limit    -> scrubbed of key material, answer
+        2xx with a known length <= buffer_limit              -> read whole, answer
+        SSE, unsized or large 2xx                            -> stream chunk by chunk, no retry
     spent: the last provider answer (429 gets the pool's Retry-After), else 502/504, else 429.
 
-401 is retried too: it says the *key* is bad (the pool revokes it), not the request. 403 is
-not: it is as often about the request (a model, a region) as about the key, so retrying it
-could walk a whole pool into revocation for one odd request.
+401 is retried: it says the *key* is bad (the pool revokes it), not the request. A 403 is
+ambiguous: it is as often about the request (a model, a region) as about the key, and revoking
+on it would let one odd client walk a whole pool into revocation. So a 403 revokes only when its
+structured ``error.code`` / ``error.type`` says the key itself is invalid or disabled (message
+text is ignored: a provider may echo the client's input there). Any other 403 is tried once on
+another key: if that key answers 403 too, the request is at fault (the 403 goes to the client,
+neither key learns anything); if it succeeds, the first key's 403 was about that key and counts
+toward its circuit breaker (``Outcome.FORBIDDEN``: it opens after ``failure_threshold`` such
+requests in a row and recovers by itself, it never revokes).
+
+Upstream error bodies never reach the client with key material in them: a 401 (or key-level
+403) body is replaced by the proxy's own error; any other error body has the key's value and
+any masked key quote (``sk-abc****wxyz``, ``sk-abc...xyz``) replaced by ``<redacted>``.
+An SSE stream of chat/completions (``data: [DONE]``) or Anthropic messages (``message_stop``)
+that ends without its final event gets an error event appended, so a client cannot mistake a
+truncated answer for a whole one.
 Every ``acquire`` is matched by exactly one ``release``, on every path including cancellation.
 """
 
@@ -23,13 +39,15 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition
@@ -40,9 +58,12 @@ from sideproxy.proxy._errors import (
     NotFound,
     NotReady,
     ProxyError,
+    RequestTimeout,
     Unauthorized,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
+    error_body,
 )
 from sideproxy.proxy._headers import request_headers, response_headers
 from sideproxy.proxy._paths import parse_target
@@ -68,16 +89,120 @@ _UNAUTHORIZED = (
     "missing or invalid virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
 )
 
+# A 403 whose structured error says this: the key itself is bad, revoke it (as a 401).
+_KEY_LEVEL_403 = frozenset(
+    {
+        "invalid_api_key",
+        "invalid_key",
+        "api_key_invalid",
+        "api_key_revoked",
+        "api_key_disabled",
+        "api_key_expired",
+        "key_revoked",
+        "account_deactivated",
+        "account_disabled",
+        "authentication_error",
+    }
+)
+# Masked key quotes as providers write them: "sk-abc1****...****wxyz", "sk-abc...xyz". Each
+# alternative starts at a word boundary and uses possessive quantifiers: linear on any body.
+_MASKED = re.compile(
+    rb"(?<![\w-])(?:[\w-]*+\*{3,}[\w-]*+|[A-Za-z0-9]++[-_][\w-]*+(?:\.{3}|\xe2\x80\xa6)[\w-]++)"
+)
+_REDACTED = b"<redacted>"
+_JSON_PARSE_LIMIT = 64 * 1024  # 2xx JSON bodies up to this are parsed; larger: ends checked
+_WHITESPACE = b" \t\r\n"
+_OPEN = b"{["
+_CLOSE = b"}]"
+
+
+def _scrub(body: bytes, secret: str) -> bytes:
+    """An upstream error body without the key's value or any masked quote of a key."""
+    raw = secret.encode()
+    if raw and raw in body:
+        body = body.replace(raw, _REDACTED)
+    return _MASKED.sub(_REDACTED, body)
+
+
+def _whole_json(body: bytes) -> bool:
+    """A 2xx JSON body that is one complete object or array (truncation is the real fault)."""
+    if len(body) <= _JSON_PARSE_LIMIT:
+        try:
+            json.loads(body)
+        except (ValueError, RecursionError):
+            return False
+        return True
+    start, end = 0, len(body)
+    while end > start and body[end - 1] in _WHITESPACE:
+        end -= 1
+    while start < end and body[start] in _WHITESPACE:
+        start += 1
+    return end - start >= 2 and body[start] in _OPEN and body[end - 1] in _CLOSE
+
+
+def _key_level(body: bytes) -> bool:
+    """Does a 403 body's structured error (code or type, never the message) blame the key?"""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        return False
+    for field in ("code", "type"):
+        value = error.get(field)
+        if isinstance(value, str) and value.lower() in _KEY_LEVEL_403:
+            return True
+    return False
+
+
+def _decoded(body: bytes, encoding: str | None, cap: int) -> bytes | None:
+    """An error body as plain bytes (identity, gzip or deflate, at most ``cap``), else None."""
+    if not encoding or encoding.lower() == "identity":
+        return body
+    if encoding.lower() not in ("gzip", "x-gzip", "deflate"):
+        return None
+    try:
+        inflater = zlib.decompressobj(wbits=47)  # gzip or zlib, by the header
+        out = inflater.decompress(body, cap)
+    except zlib.error:
+        return None
+    return None if inflater.unconsumed_tail else out
+
 
 class _Failure:
     """A provider answer that made us move on; replayed if no attempt is left."""
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
+    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         self.status = status
-        self.headers = headers
+        self.headers = headers  # ready to send
         self.body = body
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """An unsized body, or None as soon as it grows past ``cap`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    content = resp.content
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _own_body(headers: CIMultiDict[str], body: bytes) -> tuple[CIMultiDict[str], bytes]:
+    """Headers for a body the proxy wrote instead of the provider's."""
+    headers.popall("Content-Encoding", None)
+    headers["Content-Type"] = "application/json"
+    return headers, body
 
 
 class _Ctx:
@@ -120,6 +245,7 @@ class Forwarder:
         self.session: aiohttp.ClientSession | None = None
         self._max_body = settings.max_body_size
         self._buffer_limit = settings.buffer_limit
+        self._body_timeout = settings.body_read_timeout
         self._access = settings.access_log
 
     # ------------------------------------------------------------------ entry point
@@ -190,8 +316,13 @@ class Forwarder:
         target = upstream.base + rest
         if query:
             target += "?" + query
+        terminator: bytes | None = None
+        if rest.endswith(("/chat/completions", "/completions")) and not upstream.anthropic:
+            terminator = b"[DONE]"
+        elif upstream.anthropic and rest.endswith("/messages"):
+            terminator = b"message_stop"
         return await self._forward(
-            request, compiled, upstream, URL(target, encoded=True), body, started, ctx
+            request, compiled, upstream, URL(target, encoded=True), body, started, ctx, terminator
         )
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -202,9 +333,16 @@ class Forwarder:
         if length is not None and length > limit:
             raise BodyTooLarge(f"request body is over the {limit}-byte limit")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"request body is over the {limit}-byte limit") from None
+        except TimeoutError:
+            # A slow (or slowloris) client: answer, then close; the rest of its body is not read.
+            raise RequestTimeout(
+                f"the request body did not arrive within {self._body_timeout:g}s",
+                headers={"Connection": "close"},
+            ) from None
         if body and request.method in _BODY_METHODS:
             ctype = request.content_type
             if (ctype == "application/json" or ctype.endswith("+json")) and (
@@ -230,6 +368,7 @@ class Forwarder:
         body: bytes,
         started: float,
         ctx: _Ctx,
+        terminator: bytes | None,
     ) -> web.StreamResponse:
         session = self.session
         if session is None:
@@ -242,114 +381,230 @@ class Forwarder:
         incoming = request.headers
         data = body or None
         retry_deadline = started + compiled.retry_budget
+        max_attempts = compiled.max_attempts
+        cap = self._buffer_limit
         tried: list[str] = []
         failure: _Failure | ProxyError | None = None
+        # A key whose 403 waits for another key's answer to the same request (see the docstring).
+        held: Key | None = None
 
-        for attempt in range(compiled.max_attempts):
-            timeout = compiled.timeout
-            if attempt:
-                now_mono = _monotonic()
-                remaining = retry_deadline - now_mono
-                if remaining <= 0:
+        try:
+            for attempt in range(max_attempts):
+                timeout = compiled.timeout
+                if attempt:
+                    now_mono = _monotonic()
+                    remaining = retry_deadline - now_mono
+                    if remaining <= 0:
+                        break
+                    timeout = aiohttp.ClientTimeout(
+                        total=max(0.001, compiled.total - (now_mono - started)),
+                        connect=compiled.connect,
+                        sock_connect=compiled.connect,
+                        sock_read=min(compiled.first_byte, remaining),
+                    )
+                key = pool.acquire(provider, clock(), tried)
+                if key is None:
                     break
-                timeout = aiohttp.ClientTimeout(
-                    total=max(0.001, compiled.total - (now_mono - started)),
-                    connect=compiled.connect,
-                    sock_connect=compiled.connect,
-                    sock_read=min(compiled.first_byte, remaining),
+                if attempt:
+                    metrics.retry(provider, _reason(failure))
+                tried.append(key.name)
+                ctx.key = key
+                ctx.attempts = attempt + 1
+                headers = request_headers(
+                    incoming, upstream.auth_name, upstream.auth_prefix + key.secret
                 )
-            key = pool.acquire(provider, clock(), tried)
-            if key is None:
-                break
-            if attempt:
-                metrics.retry(provider, _reason(failure))
-            tried.append(key.name)
-            ctx.key = key
-            ctx.attempts = attempt + 1
-            headers = request_headers(
-                incoming, upstream.auth_name, upstream.auth_prefix + key.secret
-            )
-            sent = _monotonic()
-            try:
-                resp = await session.request(
-                    method, url, data=data, headers=headers, timeout=timeout, allow_redirects=False
-                )
-            except asyncio.CancelledError:
-                self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
-                ctx.client_gone = True
-                raise
-            except TimeoutError:
-                self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
-                failure = UpstreamTimeout(f"provider {provider} did not answer in time")
-                continue
-            except aiohttp.ClientError as exc:
-                self._release(key, Outcome.CONNECT_ERROR, None, provider, "error")
-                failure = UpstreamUnreachable(
-                    f"provider {provider} is unreachable ({type(exc).__name__})"
-                )
-                continue
-            except BaseException:
-                self._release(key, Outcome.CANCELLED, None, provider, "error")
-                raise
+                sent = _monotonic()
+                try:
+                    resp = await session.request(
+                        method,
+                        url,
+                        data=data,
+                        headers=headers,
+                        timeout=timeout,
+                        allow_redirects=False,
+                    )
+                except asyncio.CancelledError:
+                    self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+                    ctx.client_gone = True
+                    raise
+                except TimeoutError:
+                    self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
+                    failure = UpstreamTimeout(f"provider {provider} did not answer in time")
+                    continue
+                except aiohttp.ClientError as exc:
+                    self._release(key, Outcome.CONNECT_ERROR, None, provider, "error")
+                    failure = UpstreamUnreachable(
+                        f"provider {provider} is unreachable ({type(exc).__name__})"
+                    )
+                    continue
+                except BaseException:
+                    self._release(key, Outcome.CANCELLED, None, provider, "error")
+                    raise
 
-            status = resp.status
-            outcome = Outcome.from_status(status)
-            retry = outcome in _RETRY_OUTCOMES or status == 401
-            length = resp.content_length
-            if not retry and (
-                length is None
-                or length > self._buffer_limit
-                or resp.content_type == "text/event-stream"
-            ):
-                return await self._stream(
-                    request, resp, key, outcome, compiled, upstream, started, sent, ctx
-                )
+                status = resp.status
+                # A 403 is judged below (key-level code, or another key's answer).
+                outcome = Outcome.from_status(status) if status != 403 else Outcome.OK
+                retry = outcome in _RETRY_OUTCOMES or status == 401
+                error = status >= 400
+                sse = resp.content_type == "text/event-stream"
+                length = resp.content_length
+                if (not error and (length is None or length > cap or sse)) or (
+                    error and sse and not retry and status != 403
+                ):
+                    if held is not None:
+                        # Another key served what ``held`` refused: that 403 was about the key.
+                        self._release(held, Outcome.FORBIDDEN, None, provider, "403")
+                        held = None
+                    return await self._stream(
+                        request,
+                        resp,
+                        key,
+                        outcome,
+                        compiled,
+                        upstream,
+                        started,
+                        sent,
+                        ctx,
+                        terminator if status == 200 and sse else None,
+                    )
 
-            # Read whole: nothing has reached the client, so a broken body is still retryable.
-            try:
-                payload = await resp.read()
-            except asyncio.CancelledError:
-                resp.close()
-                self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
-                ctx.client_gone = True
-                raise
-            except TimeoutError:
-                resp.close()
-                self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
-                failure = UpstreamTimeout(f"provider {provider} stopped sending the response")
-                continue
-            except aiohttp.ClientError as exc:
-                resp.close()
-                self._release(key, Outcome.SERVER_ERROR, None, provider, "error")
-                failure = UpstreamUnreachable(
-                    f"provider {provider} broke off the response ({type(exc).__name__})"
-                )
-                continue
-            except BaseException:
-                resp.close()
-                self._release(key, Outcome.CANCELLED, None, provider, "error")
-                raise
-            resp.release()
-            metrics.latency(provider, _monotonic() - sent)
-            self._release(key, outcome, resp.headers, provider, str(status))
-            if retry:
-                failure = _Failure(status, resp.headers, payload)
-                continue
-            metrics.ttfb(provider, _monotonic() - started)
-            return web.Response(
-                status=status,
-                reason=resp.reason,
-                body=payload,
-                headers=response_headers(resp.headers),
-            )
+                # Read whole: nothing has reached the client, so a broken body is still
+                # retryable. Error bodies are read up to the buffer limit, however they come.
+                try:
+                    if length is not None and length > cap:
+                        payload = None
+                    elif length is not None:
+                        payload = await resp.read()
+                    else:
+                        payload = await _read_capped(resp, cap)
+                except asyncio.CancelledError:
+                    resp.close()
+                    self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+                    ctx.client_gone = True
+                    raise
+                except TimeoutError:
+                    resp.close()
+                    self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
+                    failure = UpstreamTimeout(f"provider {provider} stopped sending the response")
+                    continue
+                except aiohttp.ClientError as exc:
+                    resp.close()
+                    self._release(key, Outcome.SERVER_ERROR, None, provider, "error")
+                    failure = UpstreamUnreachable(
+                        f"provider {provider} broke off the response ({type(exc).__name__})"
+                    )
+                    continue
+                except BaseException:
+                    resp.close()
+                    self._release(key, Outcome.CANCELLED, None, provider, "error")
+                    raise
+                if payload is None:
+                    resp.close()
+                else:
+                    resp.release()
+                metrics.latency(provider, _monotonic() - sent)
 
+                if not error:
+                    if (
+                        payload
+                        and method != "HEAD"
+                        and _is_json(resp.content_type)
+                        and "Content-Encoding" not in resp.headers
+                        and not _whole_json(payload)
+                    ):
+                        self._release(key, Outcome.SERVER_ERROR, None, provider, "invalid_json")
+                        failure = UpstreamInvalid(
+                            f"provider {provider} answered {status} with a broken JSON body"
+                        )
+                        continue
+                    self._release(key, outcome, resp.headers, provider, str(status))
+                    if held is not None:
+                        self._release(held, Outcome.FORBIDDEN, None, provider, "403")
+                        held = None
+                    metrics.ttfb(provider, _monotonic() - started)
+                    return web.Response(
+                        status=status,
+                        reason=resp.reason,
+                        body=payload,
+                        headers=response_headers(resp.headers),
+                    )
+
+                # An error answer: make the body safe to show, then decide.
+                out_headers = response_headers(resp.headers)
+                plain = (
+                    None
+                    if payload is None
+                    else _decoded(payload, resp.headers.get("Content-Encoding"), cap)
+                )
+                if status == 401 or (status == 403 and plain is not None and _key_level(plain)):
+                    outcome, retry = Outcome.UNAUTHORIZED, True
+                    out_headers, shown = _own_body(
+                        out_headers,
+                        error_body(
+                            f"provider {provider} rejected a key of this pool (HTTP {status}); "
+                            "that key is out of rotation until its Secret or PoolKey changes, "
+                            "and no other key could answer",
+                            "authentication_error",
+                            "upstream_key_rejected",
+                        ),
+                    )
+                elif plain is None:
+                    why = "too large" if payload is None else "encoded"
+                    out_headers, shown = _own_body(
+                        out_headers,
+                        error_body(
+                            f"provider {provider} answered HTTP {status} (its error body is "
+                            f"{why} to show)",
+                            "proxy_error" if status >= 500 else "invalid_request_error",
+                            "upstream_error",
+                        ),
+                    )
+                else:
+                    shown = _scrub(plain, key.secret)
+                    if plain is not payload:
+                        out_headers.popall("Content-Encoding", None)
+
+                if status == 403 and not retry:
+                    if held is None and attempt + 1 < max_attempts:
+                        # Ask another key before blaming this one; released when that answers.
+                        held = key
+                        failure = _Failure(status, out_headers, shown)
+                        continue
+                    # The same request refused twice (or no one left to ask): the request's
+                    # fault, nothing learnt about either key.
+                    self._release(key, Outcome.OK, None, provider, "403")
+                    if held is not None:
+                        self._release(held, Outcome.OK, None, provider, "403")
+                        held = None
+                    return web.Response(status=status, body=shown, headers=out_headers)
+
+                self._release(key, outcome, resp.headers, provider, str(status))
+                if retry:
+                    failure = _Failure(status, out_headers, shown)
+                    continue
+                if held is not None:
+                    # A 4xx from another key: it does not show the first key was at fault.
+                    self._release(held, Outcome.OK, None, provider, "403")
+                    held = None
+                metrics.ttfb(provider, _monotonic() - started)
+                return web.Response(
+                    status=status, reason=resp.reason, body=shown, headers=out_headers
+                )
+        except BaseException:
+            if held is not None:
+                self._release(held, Outcome.CANCELLED, None, provider, "cancelled")
+                held = None
+            raise
+        if held is not None:
+            # Nobody else could answer: the 403 is replayed, the key learns nothing.
+            self._release(held, Outcome.OK, None, provider, "403")
         return self._spent(failure, provider, compiled)
 
     def _spent(
         self, failure: _Failure | ProxyError | None, provider: str, compiled: Compiled
     ) -> web.Response:
         if isinstance(failure, _Failure):
-            headers = response_headers(failure.headers)
+            headers = failure.headers
             if failure.status == 429:
                 headers["Retry-After"] = str(self._retry_after(provider, compiled))
             return web.Response(status=failure.status, body=failure.body, headers=headers)
@@ -383,7 +638,10 @@ class Forwarder:
         started: float,
         sent: float,
         ctx: _Ctx,
+        terminator: bytes | None,
     ) -> web.StreamResponse:
+        """Pass the body through chunk by chunk. ``terminator``: the final event an SSE stream
+        must end with (``[DONE]``, ``message_stop``), or None when there is none to check."""
         provider = upstream.provider
         metrics = self.metrics
         out = web.StreamResponse(
@@ -402,7 +660,7 @@ class Forwarder:
         broke: BaseException | None = None
         client_gone = False
         first = True
-        tail = b""
+        tail = prev = b""
         try:
             try:
                 await out.prepare(request)
@@ -424,7 +682,7 @@ class Forwarder:
                 if first:
                     first = False
                     metrics.ttfb(provider, _monotonic() - started)
-                tail = chunk
+                prev, tail = tail, chunk
         except BaseException as exc:  # CancelledError: the client went away
             resp.close()
             self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
@@ -462,6 +720,29 @@ class Forwarder:
                 timed_out=timed_out,
             )
             return out
+        if terminator is not None:
+            window = tail[-64:] if len(tail) >= 64 else prev[-64:] + tail
+            if terminator not in window:
+                # Ended cleanly but short of its final event (or after the provider's own error
+                # event): a failure of the key, and the client must not take it for a whole one.
+                resp.release()
+                self._release(key, Outcome.SERVER_ERROR, None, provider, "incomplete")
+                log.warning(
+                    "stream from provider %s via key %s (%s) ended without its final event",
+                    provider,
+                    key.name,
+                    key.fingerprint,
+                )
+                await self._end_broken_stream(
+                    request=request,
+                    out=out,
+                    resp=resp,
+                    upstream=upstream,
+                    tail=tail,
+                    timed_out=False,
+                    incomplete=True,
+                )
+                return out
         resp.release()
         self._release(key, outcome, resp.headers, provider, str(resp.status))
         return out
@@ -475,6 +756,7 @@ class Forwarder:
         upstream: Upstream,
         tail: bytes,
         timed_out: bool,
+        incomplete: bool = False,
     ) -> None:
         """SSE: a final error event, then a clean end. Anything else: abort the connection so
         the client cannot mistake a truncated body for a complete one."""
@@ -483,8 +765,13 @@ class Forwarder:
             if transport is not None:
                 transport.abort()
             return
-        message = "upstream stream timed out" if timed_out else "upstream stream broke off"
-        code = "upstream_timeout" if timed_out else "upstream_stream_error"
+        if incomplete:
+            message = "upstream stream ended before its final event"
+            code = "upstream_stream_incomplete"
+        elif timed_out:
+            message, code = "upstream stream timed out", "upstream_timeout"
+        else:
+            message, code = "upstream stream broke off", "upstream_stream_error"
         if upstream.anthropic:
             frame = (
                 b"event: error\ndata: "

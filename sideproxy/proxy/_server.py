@@ -85,6 +85,7 @@ def _run(
         host=settings.host,
         port=settings.port,
         shutdown_timeout=settings.shutdown_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
         access_log=None,
         print=_log_print,
         loop=loop,
