@@ -153,8 +153,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-auth",
         action="store_true",
         default=_env_flag("SIDE_PROXY_NO_AUTH"),
-        help="allow listening beyond loopback without virtual keys: anyone who can "
-        "reach the port spends your keys (env SIDE_PROXY_NO_AUTH=1)",
+        help="allow serving without client auth: listening beyond loopback without virtual "
+        "keys, or (cluster mode) a CreditPool with clientAuth.disabled, which is refused "
+        "otherwise; anyone who can reach the port spends your keys (env SIDE_PROXY_NO_AUTH=1)",
     )
 
     limits = p.add_argument_group("limits")
@@ -169,6 +170,26 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_size,
         default=_env("SIDE_PROXY_MAX_HEADER_BYTES", "8190"),
         help="longest request line / header line (env SIDE_PROXY_MAX_HEADER_BYTES; default 8190)",
+    )
+    limits.add_argument(
+        "--max-headers",
+        type=int,
+        default=_env("SIDE_PROXY_MAX_HEADERS", "128"),
+        help="most header lines per request, 400 above (env SIDE_PROXY_MAX_HEADERS; default 128)",
+    )
+    limits.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=_env("SIDE_PROXY_BODY_READ_TIMEOUT", "30"),
+        help="seconds a client may take to send its request body, 408 after that "
+        "(slow clients, slowloris) (env SIDE_PROXY_BODY_READ_TIMEOUT; default 30)",
+    )
+    limits.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=_env("SIDE_PROXY_KEEPALIVE_TIMEOUT", "75"),
+        help="idle client connections close after this many seconds; also the longest a new "
+        "connection may take to send its headers (env SIDE_PROXY_KEEPALIVE_TIMEOUT; default 75)",
     )
     limits.add_argument(
         "--buffer-limit",
@@ -282,7 +303,27 @@ def _serve(args: argparse.Namespace) -> int:
         except SourceUnavailable as exc:
             return _fail(str(exc))
 
-    # Cluster mode: the CreditPool's clientAuth is the explicit decision, made by its owner.
+    # Cluster mode: the CreditPool's clientAuth decides who may call, but a pool that turns it
+    # off is served only with an explicit --no-auth too (two owners must agree to run open).
+    # A pool file served beyond loopback keeps the auth it started with across reloads.
+    require_auth = (
+        not args.no_auth
+        and not virtual_keys
+        and (cluster or (table_auth and not _is_loopback(args.host)))
+    )
+    if cluster:
+        if args.no_auth:
+            log.warning(
+                "--no-auth: a CreditPool with clientAuth.disabled is served to anyone who can "
+                "reach %s:%d",
+                args.host,
+                args.port,
+            )
+        elif not virtual_keys:
+            log.info(
+                "cluster mode: a CreditPool with clientAuth.disabled will be refused (not "
+                "ready) unless --no-auth / SIDE_PROXY_NO_AUTH=1 is given"
+            )
     if not (virtual_keys or table_auth or cluster):
         if _is_loopback(args.host):
             log.warning(
@@ -306,6 +347,10 @@ def _serve(args: argparse.Namespace) -> int:
             virtual_keys=virtual_keys,
             max_body_size=args.max_body_size,
             max_header_size=args.max_header_size,
+            max_headers=args.max_headers,
+            body_read_timeout=args.body_read_timeout,
+            keepalive_timeout=args.keepalive_timeout,
+            require_client_auth=require_auth,
             buffer_limit=args.buffer_limit,
             shutdown_timeout=args.shutdown_timeout,
             access_log=args.access_log,
