@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -188,6 +190,20 @@ def http(url: str, data: bytes | None = None, token: str | None = None, timeout:
         return resp.status, resp.read()
 
 
+def export_ref(ref: str, dest: Path) -> Path:
+    """``git archive REF sideproxy`` into ``dest``; returns ``dest`` (for PYTHONPATH)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "sideproxy"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
 def wait_ready(url: str, token: str, timeout: float, alive: Callable[[], bool]) -> float:
     """POST a completion until one succeeds; returns seconds waited."""
     start = time.monotonic()
@@ -320,6 +336,12 @@ class Bench:
         self.quick = args.quick
         self.workdir = workdir
         self.procs = Procs(workdir)
+        # Which sideproxy/ to run: the working tree, or a committed ref exported read-only
+        # (``git archive``), so a colleague's half-saved edit cannot break a run.
+        self.ref = getattr(args, "sideproxy_ref", None)
+        self.sideproxy_src = ROOT
+        if self.ref:
+            self.sideproxy_src = export_ref(self.ref, workdir / "snapshot")
         self.results: dict[str, Any] = {"meta": self.meta(), "scenarios": {}, "targets": {}}
         self.quiet_spent = 0.0
 
@@ -352,10 +374,12 @@ class Bench:
             "nginx": cmd("nginx", "-v"),
             "wrk": cmd("wrk", "-v").splitlines()[0] if shutil.which("wrk") else "missing",
             "litellm": self.litellm_version(),
-            "sideproxy_commit": cmd("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"),
-            "sideproxy_dirty": bool(
-                cmd("git", "-C", str(ROOT), "status", "--porcelain", "--", "sideproxy")
+            "sideproxy_commit": cmd(
+                "git", "-C", str(ROOT), "rev-parse", "--short", self.ref or "HEAD"
             ),
+            "sideproxy_ref": self.ref or "working tree",
+            "sideproxy_dirty": not self.ref
+            and bool(cmd("git", "-C", str(ROOT), "status", "--porcelain", "--", "sideproxy")),
         }
 
     def litellm_version(self) -> str:
@@ -411,6 +435,7 @@ class Bench:
                 "SIDE_POOL_PROVIDER": "custom",
                 "SIDE_POOL_BASE_URL": f"{upstream}/v1",
                 "SIDE_PROXY_VIRTUAL_KEYS": VK,
+                **({"PYTHONPATH": str(self.sideproxy_src)} if self.ref else {}),
                 **self.args.sideproxy_env,
             }
             cmd = [str(ROOT / ".venv" / "bin" / "sideproxy"), "serve", "--port", str(port),
@@ -746,6 +771,7 @@ def main() -> None:
     parser.add_argument("--targets", default="direct,sideproxy,nginx,litellm,bare,raw")
     parser.add_argument("--upstream-workers", type=int, default=2)
     parser.add_argument("--retry-after", type=int, default=2, help="429 storm: seconds")
+    parser.add_argument("--sideproxy-ref", help="run sideproxy/ as committed at this git ref")
     parser.add_argument("--quiet-threshold", type=float, default=0.1, help="core-0 busy share")
     parser.add_argument("--quiet-wait", type=float, default=15.0, help="seconds, per point")
     parser.add_argument("--quiet-budget", type=float, default=120.0, help="seconds, per run")

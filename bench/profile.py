@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
     parser.add_argument("--name", default="profile")
+    parser.add_argument("--ref", help="profile sideproxy/ as committed at this git ref")
     parser.add_argument("--sideproxy-arg", action="append", default=[], dest="sideproxy_args")
     parser.add_argument("--sideproxy-env", action="append", default=[])
     args = parser.parse_args()
@@ -233,6 +234,7 @@ def main() -> None:
         quiet_threshold=0.1,
         quiet_wait=15.0,
         quiet_budget=60.0,
+        sideproxy_ref=args.ref,
     )
     bench = harness.Bench(hargs, workdir)
     try:

@@ -28,19 +28,20 @@ import harness
 
 Patch = tuple[str, str, str]  # (file under sideproxy/, old, new)
 
-GC_TUNE: Patch = (
+# Undo-patches: what the tuning already in sideproxy/ (commit 2e96f70) buys, measured by
+# taking it out again.
+UNDO_GC_TUNE: Patch = (
     "proxy/_server.py",
-    "    app = create_app(settings, source, on_transitions=on_transitions)\n",
-    "    app = create_app(settings, source, on_transitions=on_transitions)\n"
-    "    import gc; gc.collect(); gc.freeze(); gc.set_threshold(10_000, 50, 100)  # noqa\n",
+    "    gc.collect()\n    gc.freeze()\n    gc.set_threshold(10_000, 50, 100)\n",
+    "    return\n",
 )
-LEAN_LOG_RECORD: Patch = (
+UNDO_LEAN_LOG_RECORD: Patch = (
     "proxy/_logging.py",
-    "    root = logging.getLogger()\n",
-    "    root = logging.getLogger()\n"
-    "    # Logging HOWTO, 'Optimization': skip caller lookup and thread/process fields.\n"
-    "    logging._srcfile = None  # type: ignore[attr-defined]\n"
-    "    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False\n",
+    "    logging._srcfile = None\n"
+    "    logging.logThreads = False\n"
+    "    logging.logProcesses = False\n"
+    "    logging.logMultiprocessing = False\n",
+    "",
 )
 NO_JSON_CHECK: Patch = (
     "proxy/_forward.py",
@@ -72,19 +73,21 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("baseline", "defaults, as shipped"),
-    Variant("no-access-log", "`--no-access-log` (flag exists)", args=["--no-access-log"]),
+    Variant("baseline", "as committed (gc freeze + lean log records included)"),
     Variant(
-        "lean-log-record",
-        "access log on, `logging._srcfile = None` + `logThreads/logProcesses/logMultiprocessing"
-        " = False` in `configure_logging` (Logging HOWTO, Optimization)",
-        patches=[LEAN_LOG_RECORD],
+        "no-access-log",
+        "`--no-access-log` (the flag exists; default is on)",
+        args=["--no-access-log"],
     ),
     Variant(
-        "gc-freeze",
-        "`gc.collect(); gc.freeze(); gc.set_threshold(10_000, 50, 100)` before `run_app` in "
-        "`_server._run`",
-        patches=[GC_TUNE],
+        "undo gc tuning",
+        "`_tune_gc` made a no-op: default thresholds, nothing frozen (as before 2e96f70)",
+        patches=[UNDO_GC_TUNE],
+    ),
+    Variant(
+        "undo lean log records",
+        "caller lookup and thread/process fields back on (as before 2e96f70)",
+        patches=[UNDO_LEAN_LOG_RECORD],
     ),
     Variant(
         "no-metrics (upper bound)",
@@ -99,24 +102,21 @@ VARIANTS = [
         upper_bound=True,
     ),
     Variant(
-        "gc-freeze + no-access-log",
-        "the two cheapest wins together",
-        patches=[GC_TUNE],
+        "no-access-log + no-metrics + no-json-check",
+        "all three together: what is left is aiohttp and the pool",
+        patches=[*NO_METRICS, NO_JSON_CHECK],
         args=["--no-access-log"],
-    ),
-    Variant(
-        "gc-freeze + lean-log-record",
-        "keeps the access log on by default",
-        patches=[GC_TUNE, LEAN_LOG_RECORD],
+        upper_bound=True,
     ),
 ]
 
 
-def build(variant: Variant, root: Path) -> tuple[Path | None, str | None]:
+def build(variant: Variant, root: Path, src: Path) -> tuple[Path | None, str | None]:
+    """A patched copy of ``src/sideproxy`` (None when the variant patches nothing)."""
     if not variant.patches:
         return None, None
     dest = root / variant.name.replace(" ", "_").replace("(", "").replace(")", "")
-    shutil.copytree(harness.ROOT / "sideproxy", dest / "sideproxy")
+    shutil.copytree(src / "sideproxy", dest / "sideproxy")
     for rel, old, new in variant.patches:
         path = dest / "sideproxy" / rel
         text = path.read_text()
@@ -140,9 +140,10 @@ def latency(args: argparse.Namespace) -> None:
         quiet_threshold=0.1,
         quiet_wait=15.0,
         quiet_budget=300.0,
+        sideproxy_ref=args.ref,
     )
     bench = harness.Bench(hargs, workdir)
-    built = {v.name: build(v, workdir / "copies") for v in chosen}
+    built = {v.name: build(v, workdir / "copies", bench.sideproxy_src) for v in chosen}
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in chosen}
     try:
         upstream = bench.start_py()
@@ -155,7 +156,7 @@ def latency(args: argparse.Namespace) -> None:
                 if error:
                     continue
                 bench.args.sideproxy_args = v.args
-                bench.args.sideproxy_env = {"PYTHONPATH": str(copy)} if copy else {}
+                bench.args.sideproxy_env = {"PYTHONPATH": str(copy or bench.sideproxy_src)}
                 with bench.target("sideproxy", upstream) as t:
                     if t is None:
                         continue
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--ref", help="patch sideproxy/ as committed at this git ref")
     parser.add_argument(
         "--scenario",
         choices=("throughput", "latency"),
@@ -233,10 +235,11 @@ def main() -> None:
         quiet_threshold=0.1,
         quiet_wait=15.0,
         quiet_budget=300.0,
+        sideproxy_ref=args.ref,
     )
     bench = harness.Bench(hargs, workdir)
     built: dict[str, tuple[Path | None, str | None]] = {
-        v.name: build(v, workdir / "copies") for v in chosen
+        v.name: build(v, workdir / "copies", bench.sideproxy_src) for v in chosen
     }
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in chosen}
     try:
@@ -247,7 +250,7 @@ def main() -> None:
                 if error:
                     continue
                 bench.args.sideproxy_args = v.args
-                bench.args.sideproxy_env = {"PYTHONPATH": str(copy)} if copy else {}
+                bench.args.sideproxy_env = {"PYTHONPATH": str(copy or bench.sideproxy_src)}
                 with bench.target("sideproxy", upstream) as t:
                     if t is None:
                         continue
