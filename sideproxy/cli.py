@@ -304,14 +304,15 @@ def _serve(args: argparse.Namespace) -> int:
             return _fail(str(exc))
 
     # Cluster mode: the CreditPool's clientAuth decides who may call, but a pool that turns it
-    # off is served only with an explicit --no-auth too (two owners must agree to run open).
-    # A pool file served beyond loopback keeps the auth it started with across reloads.
+    # off is served beyond loopback only with an explicit --no-auth too (two owners must agree
+    # to run open). A pool file served beyond loopback keeps its client auth across reloads.
+    # Loopback stays exempt, as in standalone mode: only the pod's (or host's) own processes
+    # can reach it.
+    beyond_loopback = not _is_loopback(args.host)
     require_auth = (
-        not args.no_auth
-        and not virtual_keys
-        and (cluster or (table_auth and not _is_loopback(args.host)))
+        beyond_loopback and not args.no_auth and not virtual_keys and (cluster or table_auth)
     )
-    if cluster:
+    if cluster and beyond_loopback and not virtual_keys:
         if args.no_auth:
             log.warning(
                 "--no-auth: a CreditPool with clientAuth.disabled is served to anyone who can "
@@ -319,7 +320,7 @@ def _serve(args: argparse.Namespace) -> int:
                 args.host,
                 args.port,
             )
-        elif not virtual_keys:
+        else:
             log.info(
                 "cluster mode: a CreditPool with clientAuth.disabled will be refused (not "
                 "ready) unless --no-auth / SIDE_PROXY_NO_AUTH=1 is given"
