@@ -721,10 +721,11 @@ class Forwarder:
             )
             return out
         if terminator is not None:
-            window = tail[-64:] if len(tail) >= 64 else prev[-64:] + tail
+            window = tail[-512:] if len(tail) >= 512 else prev[-512:] + tail
             if terminator not in window:
-                # Ended cleanly but short of its final event (or after the provider's own error
-                # event): a failure of the key, and the client must not take it for a whole one.
+                # Ended cleanly but short of its final event: a failure of the key, and the
+                # client must not take it for a whole answer. If the provider's own error event
+                # is what ended it, that says enough; otherwise the proxy adds one.
                 resp.release()
                 self._release(key, Outcome.SERVER_ERROR, None, provider, "incomplete")
                 log.warning(
@@ -733,15 +734,16 @@ class Forwarder:
                     key.name,
                     key.fingerprint,
                 )
-                await self._end_broken_stream(
-                    request=request,
-                    out=out,
-                    resp=resp,
-                    upstream=upstream,
-                    tail=tail,
-                    timed_out=False,
-                    incomplete=True,
-                )
+                if b'"error":' not in window and b"event: error" not in window:
+                    await self._end_broken_stream(
+                        request=request,
+                        out=out,
+                        resp=resp,
+                        upstream=upstream,
+                        tail=tail,
+                        timed_out=False,
+                        incomplete=True,
+                    )
                 return out
         resp.release()
         self._release(key, outcome, resp.headers, provider, str(resp.status))
