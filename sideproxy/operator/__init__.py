@@ -6,6 +6,7 @@ Module map (all private but :func:`run`)::
 
     _runner     run(), credentials, kopf settings, environment           (process)
     _handlers   kopf indices + on.event triggers; nothing else           (kopf)
+    _reports    proxy report Events -> status fields; the report book    (reports)
     _reconcile  one pool: indices -> translate() -> writes               (level-triggered)
     _debounce   a task per pool: batch triggers, wake at cool-down ends  (timing)
     _tables     write_table(): <pool>-keys then <pool>-routing           (outputs)
@@ -26,10 +27,13 @@ RBAC: exactly what the handlers use, per watched namespace (Role) or cluster-wid
                                                                          Enforcement is enabled)
     "" (core)           secrets                                list, watch, get, create, update
     "" (core)           configmaps                             get, create, update
-    "" (core)           events                                 create
+    "" (core)           events                                 create, list, watch, patch
+                                                               (list/watch: proxy reports, by
+                                                                label; patch: mark consumed)
     coordination.k8s.io leases (in the Lease namespace only)   get, create, update
 
-No finalizers, no patches of specs or metadata, no deletes: removal is the garbage
+No finalizers, no patches of specs or of metadata users own (the one label it patches is
+``sideproxy.dev/consumed`` on a proxy's report Event), no deletes: removal is the garbage
 collector's job through ownerReferences. Discovery (``/apis``) is allowed to every
 authenticated user by default.
 """

@@ -10,6 +10,12 @@ Coalescing: after the first trigger a worker waits until ``quiet`` seconds pass 
 one, but never more than ``max_delay`` seconds in all. ``kubectl apply`` of a pool with its keys
 and Secrets becomes one reconcile; 1,000 keys created one by one become a handful; a steady
 stream of changes still gets written every ``max_delay`` seconds.
+
+:meth:`Debouncer.hurry` is a poke for a change the proxies should see now (a proxy reported a
+cool-down that moves the table): the quiet period shrinks to ``urgent_quiet`` (20 ms, enough to
+catch the reports of the other replicas that saw the same 429 burst) for that one run. The cap
+``max_delay`` still holds, so a storm of reports (1,000 keys cooling at once) is batched like
+any other churn: a run writes the table once for everything that arrived before it started.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Debouncer(Generic[K]):
         quiet: float = 0.15,
         max_delay: float = 2.0,
         resync: float = 300.0,
+        urgent_quiet: float = 0.02,
         gate: Callable[[], Awaitable[None]] = _always,
         clock: Callable[[], float] = time.time,
         retry_base: float = 0.5,
@@ -56,6 +63,7 @@ class Debouncer(Generic[K]):
     ) -> None:
         self._work = work
         self._quiet = quiet
+        self._urgent_quiet = min(urgent_quiet, quiet)
         self._max_delay = max_delay
         self._resync = resync
         self._gate = gate
@@ -64,6 +72,7 @@ class Debouncer(Generic[K]):
         self._retry_max = retry_max
         self._wakes: dict[K, asyncio.Event] = {}
         self._tasks: dict[K, asyncio.Task[None]] = {}
+        self._urgent: set[K] = set()
         self._closed = False
         self.runs = 0
 
@@ -82,6 +91,13 @@ class Debouncer(Generic[K]):
             self._tasks[key] = asyncio.create_task(self._run(key, wake), name=f"reconcile {key}")
         wake.set()
 
+    def hurry(self, key: K) -> None:
+        """A poke whose run waits only ``urgent_quiet`` for more (still at most ``max_delay``)."""
+        if self._closed:
+            return
+        self._urgent.add(key)
+        self.poke(key)
+
     async def close(self) -> None:
         self._closed = True
         tasks = list(self._tasks.values())
@@ -90,8 +106,9 @@ class Debouncer(Generic[K]):
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._wakes.clear()
+        self._urgent.clear()
 
-    async def _settle(self, wake: asyncio.Event) -> None:
+    async def _settle(self, key: K, wake: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         while True:
@@ -99,8 +116,11 @@ class Debouncer(Generic[K]):
             remaining = self._max_delay - (loop.time() - start)
             if remaining <= 0:
                 return
+            quiet = self._urgent_quiet if key in self._urgent else self._quiet
+            if quiet <= 0:
+                return
             try:
-                await asyncio.wait_for(wake.wait(), min(self._quiet, remaining))
+                await asyncio.wait_for(wake.wait(), min(quiet, remaining))
             except TimeoutError:
                 return
 
@@ -112,8 +132,9 @@ class Debouncer(Generic[K]):
                 timeout = None if deadline is None else max(0.0, deadline - self._clock())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
-            await self._settle(wake)
+            await self._settle(key, wake)
             await self._gate()
+            self._urgent.discard(key)
             try:
                 self.runs += 1
                 outcome = await self._work(key)

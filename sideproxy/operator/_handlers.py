@@ -6,6 +6,11 @@ write nothing; the reconciler (``_reconcile.py``) decides what to write, once pe
 
 kopf runs ``on.event`` handlers only after every index has its initial listing, so the first
 reconcile of each pool already sees all its keys and Secrets.
+
+Proxy reports are core/v1 Events; kopf lists and watches only the unconsumed ones (the label
+selector ``_reports.REPORT_SELECTOR``, set server-side in ``_runner.kopf_settings``). A report
+that gets consumed leaves that selection, which the watch delivers as a DELETED event: every
+replica drops it from its book.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from sideproxy.operator._records import (
     key_secret_use,
     pool_secret_use,
 )
+from sideproxy.operator._reports import REPORT_LABEL
 
 SecretId = tuple[str, str]
 
@@ -126,5 +132,10 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     async def secret_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         if runtime.reconciler is not None:
             runtime.reconciler.secret_event(body, _deleted(event))
+
+    @kopf.on.event("v1", "events", id="report", labels={REPORT_LABEL: "true"}, registry=registry)
+    async def report(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        if runtime.reconciler is not None:
+            runtime.reconciler.report_event(body, _deleted(event))
 
     return registry

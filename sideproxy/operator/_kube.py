@@ -189,6 +189,11 @@ class KubeApi:
                 describe(exc),
             )
 
+    async def patch_event(self, namespace: str, name: str, patch: Body) -> Body:
+        """JSON merge patch of a core/v1 Event (marking a proxy report consumed)."""
+        path = _path("events", namespace, name)
+        return await self._write("events/patch", "PATCH", path, patch, content_type=_MERGE_PATCH)
+
     # -- leases -----------------------------------------------------------------------------
 
     async def get_lease(self, namespace: str, name: str) -> Body | None:

@@ -2,18 +2,20 @@
 
 Environment (all optional; the Helm chart sets the first three):
 
-=================================  ==========================================================
-``POD_NAME``                       this replica's name, for the Lease holder and Events
-``POD_NAMESPACE``                  where the Lease lives (else the service account's namespace,
-                                   else the first watched namespace, else ``default``)
-``SIDEPROXY_LEASE_NAME``           Lease name (default ``sideproxy-operator``); give each
-                                   operator installation its own
-``SIDEPROXY_LEADER_ELECTION``      ``false`` to switch it off (one replica only, then)
-``SIDEPROXY_LEASE_SECONDS``        Lease duration (default 15; renew deadline 2/3 of it)
-``SIDEPROXY_DEBOUNCE_SECONDS``     quiet period that batches triggers (default 0.15)
-``SIDEPROXY_MAX_DELAY_SECONDS``    longest a trigger waits under constant churn (default 2)
-``SIDEPROXY_RESYNC_SECONDS``       full re-check of every pool (default 300)
-=================================  ==========================================================
+=====================================  =========================================================
+``POD_NAME``                           this replica's name, for the Lease holder and Events
+``POD_NAMESPACE``                      where the Lease lives (else the service account's namespace,
+                                       else the first watched namespace, else ``default``)
+``SIDEPROXY_LEASE_NAME``               Lease name (default ``sideproxy-operator``); give each
+                                       operator installation its own
+``SIDEPROXY_LEADER_ELECTION``          ``false`` to switch it off (one replica only, then)
+``SIDEPROXY_LEASE_SECONDS``            Lease duration (default 15; renew deadline 2/3 of it)
+``SIDEPROXY_DEBOUNCE_SECONDS``         quiet period that batches triggers (default 0.15)
+``SIDEPROXY_MAX_DELAY_SECONDS``        longest a trigger waits under constant churn (default 2)
+``SIDEPROXY_RESYNC_SECONDS``           full re-check of every pool (default 300)
+``SIDEPROXY_REPORT_DEBOUNCE_SECONDS``  quiet period of a reconcile that a proxy's report
+                                       hurries (a new cool-down or revocation; default 0.02)
+=====================================  =========================================================
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sideproxy.operator._handlers import build_registry
 from sideproxy.operator._kube import KubeApi
 from sideproxy.operator._leader import AlwaysLeader, Leadership, LeaseElector
 from sideproxy.operator._reconcile import Indices, Options, Reconciler
+from sideproxy.operator._reports import REPORT_SELECTOR
 
 log = logging.getLogger("sideproxy.operator")
 
@@ -90,6 +93,7 @@ class Settings:
                 quiet_seconds=_env_float("SIDEPROXY_DEBOUNCE_SECONDS", 0.15),
                 max_delay_seconds=_env_float("SIDEPROXY_MAX_DELAY_SECONDS", 2.0),
                 resync_seconds=_env_float("SIDEPROXY_RESYNC_SECONDS", 300.0),
+                report_quiet_seconds=_env_float("SIDEPROXY_REPORT_DEBOUNCE_SECONDS", 0.02),
             ),
         )
 
@@ -139,6 +143,8 @@ def kopf_settings() -> kopf.OperatorSettings:
     settings.scanning.disabled = True
     # We post our own Events, deliberately, and only on transitions.
     settings.posting.enabled = False
+    # Of all Events, only the proxies' unconsumed reports, filtered by the API server.
+    settings.watching.label_selectors["v1", "events"] = REPORT_SELECTOR
     # A watch that the API server silently drops must not stall us forever.
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sideproxy.pool import Transition
-from sideproxy.proxy.sources import Snapshot, SourceEvent
+from sideproxy.proxy.sources import Rejected, Snapshot, SourceEvent
 
 __all__ = ["KubeSource"]
 
@@ -51,8 +51,11 @@ class KubeSource:
             self._reporter = kube.EventReporter(api, namespace, self.pool)
             task = asyncio.create_task(self._reporter.run(), name="sideproxy-event-reporter")
             try:
-                async for table, material in source.snapshots():
-                    yield Snapshot(table, material, origin)
+                async for event in source.snapshots():
+                    if isinstance(event, Rejected):
+                        yield event
+                    else:
+                        yield Snapshot(event[0], event[1], origin)
             finally:
                 self._reporter = None
                 task.cancel()

@@ -5,9 +5,30 @@
 two ``resourceNames`` and nothing else. It watches the API instead of a mounted volume because
 kubelet refreshes volumes only every minute or so: far too slow to spread a cool-down.
 
+A table that does not parse, fails its hash or names another pool is yielded as a
+:class:`~sideproxy.proxy.sources.Rejected` (logged, counted, shown in ``/sideproxy/status``) and
+the proxy keeps serving the last good one. When the API server is unreachable both watches
+retry with capped exponential back-off (0.2 s doubling to 5 s) and the proxy serves on.
+
 ``EventReporter`` turns the pool's transitions (429, 401/403, breaker open) into Kubernetes
 Events on the PoolKey, deduplicated per key per cool-down window; the operator consumes them
-and writes ``PoolKey.status`` and the table that every other replica reads.
+and writes ``PoolKey.status`` and the table that every other replica reads. An Event carries:
+
+=============================  ================================================================
+reason                         ``RateLimited`` (429), ``Unauthorized`` (401/403), ``CircuitOpen``
+label ``sideproxy.dev/report`` ``true`` (the operator watches only these)
+label ``sideproxy.dev/pool``   the CreditPool
+``sideproxy.dev/until``        the cool-down deadline, unix seconds (absent for Unauthorized)
+``sideproxy.dev/count``        how many such answers this report stands for
+``sideproxy.dev/fingerprint``  the key value's fingerprint, so a report about a rotated-away
+                               value is recognised as stale
+=============================  ================================================================
+
+Deduplication: one Event per (key, reason, fingerprint) per cool-down window. Answers that
+arrive while a report is queued are folded into it (count, latest deadline); a deadline that
+extends an already reported window by less than ``WINDOW_SLACK`` seconds (the jitter of
+concurrent 429s of one window) is not a new window, and its count rides on the next report.
+Unauthorized is reported once per revocation (the pool emits it once per revocation).
 
 Neither ever logs a key value: material is only ever handed to the pool.
 """
@@ -18,7 +39,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -31,14 +54,23 @@ import aiohttp
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from sideproxy.models import API_GROUP, API_VERSION, TABLE_DATA_KEY, RoutingTable, fingerprint
+from sideproxy.models import (
+    API_GROUP,
+    API_VERSION,
+    POOL_LABEL,
+    TABLE_DATA_KEY,
+    RoutingTable,
+    fingerprint,
+    key_secret_name,
+    routing_configmap_name,
+)
 from sideproxy.pool import KeyHealth, Transition
+from sideproxy.proxy.sources import Rejected
 
 log = logging.getLogger("sideproxy.proxy.kube")
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 REPORT_LABEL = "sideproxy.dev/report"
-POOL_LABEL = "sideproxy.dev/pool"
 UNTIL_ANNOTATION = "sideproxy.dev/until"
 COUNT_ANNOTATION = "sideproxy.dev/count"
 FINGERPRINT_ANNOTATION = "sideproxy.dev/fingerprint"
@@ -47,17 +79,28 @@ REPORTING_COMPONENT = "sideproxy.dev/proxy"
 # Watches end server-side after this long and are re-established from the last resourceVersion;
 # the client gives up a little later so that a half-open connection cannot hang us forever.
 _WATCH_SECONDS = 60
-_BACKOFF_START, _BACKOFF_MAX = 0.2, 10.0
+_BACKOFF_START, _BACKOFF_MAX = 0.2, 5.0
+# Concurrent 429s of one window compute deadlines a few milliseconds apart: not new windows.
+WINDOW_SLACK = 1.0
+# Reports sent at once (a 1,000-key storm is 1,000 Events; each one is a small POST).
+_SEND_CONCURRENCY = 8
 
 Snapshot = tuple[RoutingTable, dict[str, str]]
 
-
-def routing_configmap_name(pool: str) -> str:
-    return f"{pool}-routing"
-
-
-def key_secret_name(pool: str) -> str:
-    return f"{pool}-keys"
+__all__ = [
+    "COUNT_ANNOTATION",
+    "FINGERPRINT_ANNOTATION",
+    "POOL_LABEL",
+    "REPORT_LABEL",
+    "UNTIL_ANNOTATION",
+    "ClusterSource",
+    "EventReporter",
+    "api_client",
+    "cluster_clients",
+    "default_namespace",
+    "key_secret_name",
+    "routing_configmap_name",
+]
 
 
 def default_namespace() -> str:
@@ -87,20 +130,27 @@ class ClusterSource:
         self._pool = pool
         self._table: RoutingTable | None = None
         self._material: dict[str, str] | None = None
+        self._rejected: str | None = None
+        self._last_raw: str | None = None
         self._changed = asyncio.Event()
         self.connected = False
 
-    async def snapshots(self) -> AsyncIterator[Snapshot]:
-        """Yield a snapshot whenever a valid table and its material are both known and changed."""
+    async def snapshots(self) -> AsyncIterator[Snapshot | Rejected]:
+        """Yield a snapshot whenever a valid table and its material are both known and changed,
+        and a :class:`Rejected` for each table that the proxy refuses."""
         watchers = [
             asyncio.create_task(self._follow("configmap", self._on_configmap)),
             asyncio.create_task(self._follow("secret", self._on_secret)),
         ]
+        origin = f"configmap {self._namespace}/{routing_configmap_name(self._pool)}"
         last: tuple[str, int] | None = None
         try:
             while True:
                 await self._changed.wait()
                 self._changed.clear()
+                if self._rejected is not None:
+                    reason, self._rejected = self._rejected, None
+                    yield Rejected(reason, origin)
                 if self._table is None or self._material is None:
                     continue
                 snapshot = self._consistent(self._table, self._material)
@@ -112,6 +162,11 @@ class ClusterSource:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+
+    def _reject(self, reason: str) -> None:
+        log.error("%s; keeping the last good table", reason)
+        self._rejected = reason
+        self._changed.set()
 
     def _consistent(self, table: RoutingTable, material: dict[str, str]) -> Snapshot:
         """Serve only keys whose material matches the table's fingerprint.
@@ -138,21 +193,24 @@ class ClusterSource:
             return
         raw = (obj.get("data") or {}).get(TABLE_DATA_KEY)
         if raw is None:
-            log.error("routing ConfigMap has no %s; keeping the last good table", TABLE_DATA_KEY)
+            self._reject(f"routing ConfigMap has no {TABLE_DATA_KEY}")
             return
+        if self._table is not None and raw == self._last_raw:
+            return  # a metadata-only change or a re-list: nothing new to parse
         try:
             table = RoutingTable.from_json(raw)
         except ValueError as exc:
             # pydantic's message may quote the input: the table holds no secrets, but keep the
             # log short and structural anyway.
-            log.error("rejected routing table: %s", str(exc).splitlines()[0][:300])
+            self._reject(f"rejected routing table: {str(exc).splitlines()[0][:300]}")
             return
         if table.pool != self._pool:
-            log.error("rejected routing table for pool %r (serving %r)", table.pool, self._pool)
+            self._reject(f"rejected routing table for pool {table.pool!r} (serving {self._pool!r})")
             return
         if self._table is None or table.version != self._table.version:
             log.info("routing table version %d (%s)", table.version, table.hash[:12])
         self._table = table
+        self._last_raw = raw
         self._changed.set()
 
     def _on_secret(self, obj: dict[str, Any] | None) -> None:
@@ -223,6 +281,15 @@ class ClusterSource:
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
 
+_RETRIED = (ApiException, aiohttp.ClientError, TimeoutError, OSError)
+
+
+def _refused(exc: ApiException) -> bool:
+    """Refused for good (RBAC, validation): retrying the same request cannot help."""
+    status = exc.status
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason}"
@@ -233,6 +300,15 @@ def _describe(exc: BaseException) -> str:
 class _Pending:
     transition: Transition
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    until: float  # deadline reported (inf for Unauthorized)
+    at: float  # when
+
+
+Slot = tuple[str, str, str]  # (key name, reason, fingerprint)
 
 
 class EventReporter:
@@ -247,34 +323,52 @@ class EventReporter:
         pool: str,
         instance: str | None = None,
         max_pending: int = 10_000,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._core = client.CoreV1Api(api)
         self._namespace = namespace
         self._pool = pool
         self._instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
-        self._pending: dict[tuple[str, str], _Pending] = {}
-        self._reported: dict[tuple[str, str], float] = {}  # (key, reason) -> until reported
+        self._pending: dict[Slot, _Pending] = {}
+        self._reported: dict[Slot, _Sent] = {}
+        self._folded: dict[Slot, int] = {}  # answers deduplicated away, carried to the next report
         self._wakeup = asyncio.Event()
         self._max_pending = max_pending
+        self._clock = clock
         self.sent = 0
+        self.dropped = 0
+
+    @staticmethod
+    def _slot(change: Transition) -> Slot:
+        return (change.name, change.reason, change.fingerprint)
+
+    def _same_window(self, slot: Slot, until: float, now: float) -> bool:
+        """Whether a deadline of ``until`` is already covered by the last report of ``slot``."""
+        sent = self._reported.get(slot)
+        if sent is None or slot[1] == "Unauthorized":
+            return False
+        return now < sent.until and until <= sent.until + WINDOW_SLACK
 
     def report(self, transitions: list[Transition]) -> None:
         """Non-blocking; called on the request path."""
-        now = time.time()
+        now = self._clock()
         for change in transitions:
             if change.reason not in self._REASONS:
                 continue
-            slot = (change.name, change.reason)
-            until = change.until if change.until is not None else float("inf")
-            if self._reported.get(slot, -1.0) >= until and now < until:
-                continue  # this window was already reported
+            slot = self._slot(change)
+            until = change.until if change.until is not None else math.inf
             pending = self._pending.get(slot)
             if pending is not None:
                 pending.count += 1
-                if (pending.transition.until or 0) < until:
+                if (pending.transition.until or 0.0) < until:
                     pending.transition = change
+            elif self._same_window(slot, until, now):
+                self._folded[slot] = self._folded.get(slot, 0) + 1
             elif len(self._pending) < self._max_pending:
-                self._pending[slot] = _Pending(change, 1)
+                self._pending[slot] = _Pending(change, 1 + self._folded.pop(slot, 0))
+            else:
+                self.dropped += 1
         if self._pending:
             self._wakeup.set()
 
@@ -285,21 +379,77 @@ class EventReporter:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                slot, pending = next(iter(self._pending.items()))
-                try:
-                    await self._send(pending)
-                except (ApiException, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    log.warning("could not report %s for %s (%s)", slot[1], slot[0], _describe(exc))
+                batch = list(itertools.islice(self._pending.items(), _SEND_CONCURRENCY))
+                previous: dict[Slot, _Sent | None] = {}
+                now = self._clock()
+                for slot, pending in batch:
+                    del self._pending[slot]
+                    # Counted as reported from now on, so that the answers still arriving for
+                    # this window while the POST is in flight fold into it.
+                    previous[slot] = self._reported.get(slot)
+                    until = pending.transition.until
+                    self._reported[slot] = _Sent(until if until is not None else math.inf, now)
+                results = await asyncio.gather(
+                    *(self._send(pending) for _, pending in batch), return_exceptions=True
+                )
+                failed: BaseException | None = None
+                for (slot, pending), result in zip(batch, results, strict=True):
+                    if isinstance(result, asyncio.CancelledError):
+                        raise result
+                    if isinstance(result, ApiException) and _refused(result):
+                        log.error(
+                            "report %s for %s refused (%s); dropped",
+                            slot[1],
+                            slot[0],
+                            _describe(result),
+                        )
+                        self.dropped += 1
+                    elif isinstance(result, _RETRIED):
+                        failed = result
+                        self._unsent(slot, previous[slot])
+                        self._requeue(slot, pending)
+                    elif isinstance(result, BaseException):
+                        log.error(
+                            "report %s for %s failed (%s); dropped",
+                            slot[1],
+                            slot[0],
+                            type(result).__name__,
+                        )
+                        self.dropped += 1
+                    else:
+                        self.sent += 1
+                if failed is not None:
+                    log.warning("could not report to the API (%s); retrying", _describe(failed))
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX)
-                    continue
-                backoff = _BACKOFF_START
-                # Only forget it if no newer report for the slot arrived while sending.
-                if self._pending.get(slot) is pending:
-                    del self._pending[slot]
-                until = pending.transition.until
-                self._reported[slot] = until if until is not None else float("inf")
-                self.sent += 1
+                else:
+                    backoff = _BACKOFF_START
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget windows long over (keys come and go, values rotate)."""
+        if len(self._reported) < 4096:
+            return
+        now = self._clock()
+        self._reported = {s: r for s, r in self._reported.items() if r.until > now}
+        self._folded = {s: n for s, n in self._folded.items() if s in self._reported}
+
+    def _unsent(self, slot: Slot, previous: _Sent | None) -> None:
+        if previous is None:
+            self._reported.pop(slot, None)
+        else:
+            self._reported[slot] = previous
+
+    def _requeue(self, slot: Slot, pending: _Pending) -> None:
+        """Put a report that could not be sent back, merged with any newer one for its slot."""
+        pending.count += self._folded.pop(slot, 0)
+        newer = self._pending.get(slot)
+        if newer is None:
+            self._pending[slot] = pending
+            return
+        newer.count += pending.count
+        if (newer.transition.until or 0.0) < (pending.transition.until or 0.0):
+            newer.transition = pending.transition
 
     async def _send(self, pending: _Pending) -> None:
         change = pending.transition
