@@ -409,6 +409,8 @@ class ManagedCreditPool:
                     policy.headroom_fallback,
                 )
                 if until is not None:
+                    # Deprioritised, not out; still never for longer than any cool-down.
+                    until = min(until, now + policy.max_cooldown)
                     if key.health is not KeyHealth.LOW_HEADROOM or (key.until or 0) < until:
                         self._set(key, KeyHealth.LOW_HEADROOM, until, now)
                 elif key.health is KeyHealth.LOW_HEADROOM:
