@@ -228,3 +228,57 @@ async def key_states(session: aiohttp.ClientSession, url: str, **headers: str) -
         assert resp.status == 200
         body = await resp.json()
     return {k["name"]: k for k in body["keys"]}
+
+
+# --------------------------------------------------------------------------- a fake elsewhere
+
+
+class FakeProcess:
+    """``python -m sideproxy.fake_provider`` in its own process (its sockets and tasks are not
+    the proxy's, and it gets a core of its own); driven through its HTTP control endpoints."""
+
+    def __init__(self, process: asyncio.subprocess.Process, base_url: str) -> None:
+        self.process = process
+        self.base_url = base_url  # http://127.0.0.1:<port>/v1
+        self.url = base_url.removesuffix("/v1")
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, self.url + path, json=body) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async def configure(self, **body: Any) -> None:
+        await self._call("POST", "/_fake/config", body)
+
+    async def stats(self) -> dict[str, int]:
+        return dict(await self._call("GET", "/_fake/stats"))
+
+    async def status_stats(self) -> dict[str, dict[str, int]]:
+        return dict(await self._call("GET", "/_fake/stats/status"))
+
+
+@contextlib.asynccontextmanager
+async def fake_process(*args: str) -> AsyncIterator[FakeProcess]:
+    import sys  # noqa: PLC0415
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sideproxy.fake_provider", "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 15)
+        url = line.decode().strip().rpartition(" ")[2]
+        assert url.startswith("http://127.0.0.1:"), line
+        yield FakeProcess(process, url)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
