@@ -176,7 +176,15 @@ class Loop:
             raise
         if not cm.data or TABLE_DATA_KEY not in cm.data:
             return None
-        return RoutingTable.from_json(cm.data[TABLE_DATA_KEY])
+        try:
+            return RoutingTable.from_json(cm.data[TABLE_DATA_KEY])
+        except ValueError:
+            return None  # not a table a proxy would load
+
+    def table_text(self) -> str | None:
+        cm = self.core.read_namespaced_config_map(f"{POOL}-routing", self.ns)
+        text: str | None = (cm.data or {}).get(TABLE_DATA_KEY)
+        return text
 
     def key(self, name: str) -> dict[str, Any]:
         try:

@@ -136,3 +136,101 @@ def test_a_429_on_one_replica_reaches_every_replica_and_kubectl(loop: Loop) -> N
         assert_all_ok(outcomes, f"requests through {proxy.name} after the cool-down")
         assert loop.fake.stats()[fp1] > seen[fp1], f"{proxy.name} does not use key-1 again"
     assert not loop.leaks()
+
+
+def test_rotating_a_key_under_traffic(loop: Loop) -> None:
+    a, b = loop.proxies["a"], loop.proxies["b"]
+    old, new = loop.fp("key-2"), fingerprint("sk-CANARY-e2e-rotated-key-2")
+    with Traffic([a.port, b.port]) as traffic:
+        wait_until(lambda: traffic.count() > 20, 10, "some traffic")
+        loop.rotate("key-2", "sk-CANARY-e2e-rotated-key-2")
+        started = time.time()
+        for proxy in (a, b):
+            wait_until(
+                lambda p=proxy: p.key("key-2").get("fingerprint") == new,  # type: ignore[misc]
+                10,
+                f"{proxy.name} serving the new value of key-2",
+            )
+        took = time.time() - started
+        wait_until(lambda: traffic.count() > 40, 10, "more traffic")
+    assert_all_ok(traffic.outcomes, "requests during the rotation")
+    print(f"rotation reached both replicas in {took * 1000:.0f} ms")
+    for proxy in (a, b):
+        seen = loop.fake.stats()
+        outcomes = burst(proxy.port, 30, concurrency=3)
+        assert_all_ok(outcomes, f"requests through {proxy.name} after the rotation")
+        after = loop.fake.stats()
+        assert after[new] > seen[new], f"{proxy.name} does not use the new value"
+        assert after[old] == seen[old], f"{proxy.name} still uses the old value"
+    assert loop.key_status("key-2")["fingerprint"] == new
+    assert not loop.leaks()
+
+
+def test_api_server_outage_under_traffic(kube: KubeCluster, loop: Loop) -> None:
+    a, b = loop.proxies["a"], loop.proxies["b"]
+    version = a.status()["version"]
+    with Traffic([a.port, b.port]) as traffic:
+        wait_until(lambda: traffic.count() > 20, 10, "some traffic")
+        kube.stop_apiserver()
+        try:
+            served = traffic.count()
+            time.sleep(10)
+            assert traffic.count() > served + 100, "traffic stalled while the API server was down"
+            assert a.readyz() == b.readyz() == 200
+        finally:
+            kube.start_apiserver()
+        # A change made after the restart reaches both replicas: their watches resumed.
+        loop.apply(loop.key_doc("key-3", weight=5))
+        for proxy in (a, b):
+            wait_until(
+                lambda p=proxy: p.status()["version"] > version,  # type: ignore[misc]
+                30,
+                f"{proxy.name} watching again",
+            )
+    assert_all_ok(traffic.outcomes, "requests around the outage")
+    assert {k["name"]: k["weight"] for k in b.status()["keys"]}["key-3"] == 5
+    for proxy in (a, b):
+        proxy.check_alive()
+    assert loop.operator is not None
+    loop.operator.check_alive()
+
+
+def test_a_bad_table_is_rejected_and_the_last_good_one_served(loop: Loop) -> None:
+    a, b = loop.proxies["a"], loop.proxies["b"]
+    version = a.status()["version"]
+    time.sleep(1)  # let the operator's start-up churn (echoes of its own writes) settle
+    patch = {"data": {"table.json": '{"format": 1, "pool": "p", "keys": "not a list"}'}}
+    loop.core.patch_namespaced_config_map(f"{POOL}-routing", loop.ns, patch)
+    for proxy in (a, b):
+        rejected = wait_until(
+            lambda p=proxy: p.status().get("last_rejected"), 10, f"{proxy.name} rejecting"  # type: ignore[misc]
+        )
+        assert "rejected routing table" in rejected["reason"]
+        assert proxy.status()["version"] == version
+        assert_all_ok(burst(proxy.port, 20), f"requests through {proxy.name}")
+    assert "rejected routing table" in a.text()
+    # The operator repairs it on its next reconcile of the pool (here: any change to the pool),
+    # with a higher version and the same content: the replicas have nothing to reload.
+    good = a.status()["hash"]
+    assert loop.table_text() == patch["data"]["table.json"], "repaired without a trigger?"
+    loop.kube.kubectl("annotate", "creditpool", POOL, "-n", loop.ns, "touched=1")
+    repaired = loop.wait_table(lambda t: t.version > version, 15, "the repaired table")
+    assert repaired.hash == good
+    for proxy in (a, b):
+        assert proxy.status()["hash"] == good
+        assert_all_ok(burst(proxy.port, 20), f"requests through {proxy.name} after the repair")
+
+
+def test_not_ready_until_a_table_arrives(bare_loop: Loop) -> None:
+    loop = bare_loop
+    (proxy,) = loop.start_proxies(["a"], loop.proxy_kubeconfig())
+    # No pool yet: the proxy waits for a table (10 s), then listens, not ready.
+    proxy.wait_listening(timeout=30)
+    code, body = (proxy.readyz(), proxy.status())
+    assert code == 503
+    assert body["ready"] is False
+    assert "Forbidden" not in proxy.text()
+    loop.apply_pool(values(2))
+    loop.start_operator()
+    proxy.wait_ready(timeout=30)
+    assert_all_ok(burst(proxy.port, 10), "requests once the table arrived")
