@@ -282,3 +282,106 @@ async def fake_process(*args: str) -> AsyncIterator[FakeProcess]:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+# --------------------------------------------------------------------------- a proxy elsewhere
+
+
+def free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any SIDE_* setting (or KUBECONFIG), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDE_", "KUBECONFIG"))}
+    env.update(extra)
+    return env
+
+
+class ProxyProcess:
+    """``python -m sideproxy serve ...`` as a subprocess; stderr collected, never printed."""
+
+    def __init__(self, args: list[str], port: int, env: Mapping[str, str]) -> None:
+        self.args = args
+        self.port = port
+        self.env = dict(env)
+        self.url = f"http://127.0.0.1:{port}"
+        self.stderr = bytearray()
+        self.process: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, ready: bool = True) -> ProxyProcess:
+        import sys  # noqa: PLC0415
+
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sideproxy", "serve", "--port", str(self.port), *self.args,
+            env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        self._drain = asyncio.create_task(self._collect())
+        if ready:
+            await self.wait_ready()
+        return self
+
+    async def _collect(self) -> None:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.read(65536):
+            self.stderr += chunk
+
+    async def readyz(self) -> int:
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp,
+            ):
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError):
+            return 0
+
+    async def wait_ready(self, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.returncode is not None:
+                raise AssertionError(f"proxy exited: {self.stderr.decode(errors='replace')}")
+            if await self.readyz() == 200:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"proxy not ready: {self.stderr.decode(errors='replace')[-2000:]}")
+
+    async def stop(self, grace: float = 15.0) -> int:
+        """SIGTERM (graceful shutdown), then wait; the exit code."""
+        process = self.process
+        assert process is not None
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._drain is not None:
+            await asyncio.wait_for(self._drain, 5)
+        assert process.returncode is not None
+        return process.returncode
+
+
+@contextlib.asynccontextmanager
+async def proxy_process(
+    args: list[str], port: int | None = None, env: Mapping[str, str] | None = None
+) -> AsyncIterator[ProxyProcess]:
+    proxy = ProxyProcess(args, port or free_port(), env or clean_env())
+    try:
+        yield await proxy.start()
+    finally:
+        if proxy.process is not None:
+            await proxy.stop()
