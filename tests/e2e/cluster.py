@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
@@ -147,7 +147,7 @@ class Loop:
         return self.operator.start()
 
     def start_proxies(self, names: Iterable[str], kubeconfig: Path) -> list[ProxyProc]:
-        started = []
+        started: list[ProxyProc] = []
         for name in names:
             proxy = ProxyProc(
                 name, free_port(), pool=POOL, namespace=self.ns, kubeconfig=kubeconfig,
@@ -155,7 +155,8 @@ class Loop:
             )  # fmt: skip
             self.proxies[name] = proxy
             self.procs.append(proxy)
-            started.append(proxy.start())
+            proxy.start()
+            started.append(proxy)
         return started
 
     def stop(self) -> None:
@@ -188,13 +189,22 @@ class Loop:
 
     def key(self, name: str) -> dict[str, Any]:
         try:
-            return dict(
-                self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, "poolkeys", name)
+            body = cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, "poolkeys", name),
             )
         except ApiException as exc:
             if exc.status == 404:
                 return {}
             raise
+        return body
+
+    def poolkeys(self) -> list[dict[str, Any]]:
+        listing = cast(
+            dict[str, Any],
+            self.custom.list_namespaced_custom_object(GROUP, VERSION, self.ns, "poolkeys"),
+        )
+        return list(listing["items"])
 
     def key_status(self, name: str) -> dict[str, Any]:
         return dict(self.key(name).get("status") or {})

@@ -219,6 +219,10 @@ class ProxyProc(Proc):
 
         wait_until(ready, timeout, f"{self.name} /readyz")
 
+    def wait_for(self, check: Callable[[ProxyProc], Any], timeout: float, what: str) -> Any:
+        """Poll ``check(self)`` until truthy; its value."""
+        return wait_until(lambda: check(self), timeout, f"{self.name}: {what}")
+
     def wait_listening(self, timeout: float = 30.0) -> None:
         def listening() -> bool:
             self.check_alive()

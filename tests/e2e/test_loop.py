@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from datetime import datetime
 
 import pytest
@@ -78,7 +79,7 @@ def test_a_429_on_one_replica_reaches_every_replica_and_kubectl(loop: Loop) -> N
     # key-1 answers once per 10 s window; 30 concurrent requests through a alone (the fake
     # answers after 100 ms, so a dozen meet key-1 at once): a storm of 429s on key-1.
     loop.fake.configure(limits={fp1: "1/10s"}, latency_ms=100)
-    before = loop.fake.statuses().get(fp1, {})
+    before = loop.fake.statuses().get(fp1, Counter())
     with CoolingWatch([a, b], "key-1") as watch:
         outcomes = burst(a.port, 60, concurrency=30)
         assert_all_ok(outcomes, "requests through a during the 429 storm")
@@ -130,7 +131,7 @@ def test_a_429_on_one_replica_reaches_every_replica_and_kubectl(loop: Loop) -> N
     assert table is not None
     assert next(k for k in table.keys if k.name == "key-1").state is KeyState.READY
     for proxy in (a, b):
-        wait_until(lambda p=proxy: p.key("key-1").get("health") == "ready", 5.0, "ready")  # type: ignore[misc]
+        proxy.wait_for(lambda p: p.key("key-1").get("health") == "ready", 5.0, "key-1 ready")
         seen = loop.fake.stats()
         outcomes = burst(proxy.port, 30, concurrency=3)
         assert_all_ok(outcomes, f"requests through {proxy.name} after the cool-down")
@@ -146,10 +147,10 @@ def test_rotating_a_key_under_traffic(loop: Loop) -> None:
         loop.rotate("key-2", "sk-CANARY-e2e-rotated-key-2")
         started = time.time()
         for proxy in (a, b):
-            wait_until(
-                lambda p=proxy: p.key("key-2").get("fingerprint") == new,  # type: ignore[misc]
+            proxy.wait_for(
+                lambda p: p.key("key-2").get("fingerprint") == new,
                 10,
-                f"{proxy.name} serving the new value of key-2",
+                "serving the new value of key-2",
             )
         took = time.time() - started
         wait_until(lambda: traffic.count() > 40, 10, "more traffic")
@@ -182,10 +183,10 @@ def test_api_server_outage_under_traffic(kube: KubeCluster, loop: Loop) -> None:
         # A change made after the restart reaches both replicas: their watches resumed.
         loop.apply(loop.key_doc("key-3", weight=5))
         for proxy in (a, b):
-            wait_until(
-                lambda p=proxy: p.status()["version"] > version,  # type: ignore[misc]
+            proxy.wait_for(
+                lambda p: p.status()["version"] > version,
                 30,
-                f"{proxy.name} watching again",
+                "watching again",
             )
     assert_all_ok(traffic.outcomes, "requests around the outage")
     assert {k["name"]: k["weight"] for k in b.status()["keys"]}["key-3"] == 5
@@ -202,8 +203,10 @@ def test_a_bad_table_is_rejected_and_the_last_good_one_served(loop: Loop) -> Non
     patch = {"data": {"table.json": '{"format": 1, "pool": "p", "keys": "not a list"}'}}
     loop.core.patch_namespaced_config_map(f"{POOL}-routing", loop.ns, patch)
     for proxy in (a, b):
-        rejected = wait_until(
-            lambda p=proxy: p.status().get("last_rejected"), 10, f"{proxy.name} rejecting"  # type: ignore[misc]
+        rejected = proxy.wait_for(
+            lambda p: p.status().get("last_rejected"),
+            10,
+            "rejecting",
         )
         assert "rejected routing table" in rejected["reason"]
         assert proxy.status()["version"] == version

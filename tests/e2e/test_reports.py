@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+import yaml
 
 from sideproxy.models import KeyState, fingerprint
 from sideproxy.pool import KeyHealth, Transition
@@ -81,7 +82,8 @@ def test_reports_apply_once_and_survive_a_restart(bare_loop: Loop) -> None:
     send(loop, first, first, first)  # one report standing for three 429s
     status = wait_status(loop, "key-1", lambda s: s.get("rateLimitedCount") == 3, "3 429s")
     assert status["phase"] == "CoolingDown"
-    assert first.until is not None and abs(until_of(status) - first.until) < 0.01
+    assert first.until is not None
+    assert abs(until_of(status) - first.until) < 0.01
     assert status["lastRateLimited"]
     cond = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (cond["status"], cond["reason"]) == ("False", "RateLimited")
@@ -104,7 +106,8 @@ def test_reports_apply_once_and_survive_a_restart(bare_loop: Loop) -> None:
     assert not consumed(loop, "key-1")[1:]
     loop.start_operator()
     status = wait_status(loop, "key-1", lambda s: s.get("rateLimitedCount") == 5, "5 429s")
-    assert later.until is not None and abs(until_of(status) - later.until) < 0.01
+    assert later.until is not None
+    assert abs(until_of(status) - later.until) < 0.01
     wait_until(lambda: len(consumed(loop, "key-1")) == 2, 5, "both reports consumed")
 
     # A shorter deadline counts, and does not shorten the cool-down.
@@ -126,7 +129,8 @@ def test_unauthorized_revokes_until_the_value_changes(bare_loop: Loop) -> None:
     loop.wait_table(lambda t: len(t.keys) == 2, 30, "the table")
 
     # A report about a value key-1 no longer holds changes nothing (and is consumed).
-    stale = Transition("key-1", fingerprint("an old value"), KeyHealth.REVOKED, None, "Unauthorized")
+    old_value = fingerprint("an old value")
+    stale = Transition("key-1", old_value, KeyHealth.REVOKED, None, "Unauthorized")
     send(loop, stale)
     wait_until(lambda: consumed(loop, "key-1"), 10, "the stale report consumed")
     assert loop.key_status("key-1")["phase"] == "Ready"
@@ -180,19 +184,12 @@ def test_a_thousand_keys_cooling_at_once_is_a_bounded_number_of_writes(bare_loop
         "spec": {"defaultProvider": "custom", "clientAuth": {"disabled": True},
                  "providers": [{"name": "custom", "baseURL": loop.fake.base_url}]},
     }  # fmt: skip
-    import yaml  # noqa: PLC0415
-
     manifest.write_text(yaml.safe_dump_all([pool, *docs]))
     loop.kube.kubectl("create", "-n", loop.ns, "-f", str(manifest), "--request-timeout=120s")
     loop.start_operator()
     loop.wait_table(lambda t: len(t.keys) == n, 120, "a table of 1,000 keys")
     wait_until(
-        lambda: all(
-            (i.get("status") or {}).get("phase") == "Ready"
-            for i in loop.custom.list_namespaced_custom_object(
-                "sideproxy.dev", "v1alpha1", loop.ns, "poolkeys"
-            )["items"]
-        ),
+        lambda: all((i.get("status") or {}).get("phase") == "Ready" for i in loop.poolkeys()),
         120,
         "1,000 Ready keys",
         interval=1,
@@ -207,19 +204,19 @@ def test_a_thousand_keys_cooling_at_once_is_a_bounded_number_of_writes(bare_loop
     took = time.time() - started
 
     def all_cooling() -> bool:
-        items = loop.custom.list_namespaced_custom_object(
-            "sideproxy.dev", "v1alpha1", loop.ns, "poolkeys"
-        )["items"]
+        items = loop.poolkeys()
         return all((i.get("status") or {}).get("phase") == "CoolingDown" for i in items)
 
     wait_until(all_cooling, 120, "1,000 CoolingDown statuses", interval=1)
     wait_until(
-        lambda: len(
-            loop.core.list_namespaced_event(
-                loop.ns, label_selector="sideproxy.dev/report=true,!sideproxy.dev/consumed"
-            ).items
-        )
-        == 0,
+        lambda: (
+            len(
+                loop.core.list_namespaced_event(
+                    loop.ns, label_selector="sideproxy.dev/report=true,!sideproxy.dev/consumed"
+                ).items
+            )
+            == 0
+        ),
         60,
         "every report consumed",
         interval=0.5,
