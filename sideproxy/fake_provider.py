@@ -40,8 +40,9 @@ runs out behave normally). A fault is a :class:`Fault`, or in JSON / Python shor
 Any dict form also takes ``"delay"`` (seconds before headers). A status fault also takes
 ``"headers"`` (sent with the error, e.g. ``{"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}``;
 a 429 fault with neither ``retry_after`` nor ``headers`` carries no rate-limit header at all) and
-``"code"`` (the error's ``code``; Anthropic: its ``type``). Faults do not count against the rate
-limit; a ``delay`` fault's request does.
+``"code"`` (the error's ``code``; Anthropic: its ``type``) and ``"echo": true`` (the message
+quotes the presented key in full, as a careless provider might in any error). Faults do not
+count against the rate limit; a ``delay`` fault's request does.
 
 Auth errors: ``echo_keys="masked"`` makes a 401 for an unknown or revoked key quote the presented
 key the way OpenAI does (``Incorrect API key provided: sk-abc***...***wxyz``), ``"full"`` quotes
@@ -143,6 +144,7 @@ class Fault:
     retry_after: float | None = None  # for a status fault: a retry-after header
     headers: tuple[tuple[str, str], ...] = ()  # for a status fault: extra response headers
     code: str | None = None  # for a status fault: the error's code (Anthropic: its type)
+    echo: bool = False  # for a status fault: quote the presented key (in full) in the message
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
@@ -649,10 +651,13 @@ class FakeProvider:
                 if fault.retry_after is not None:
                     call.headers["retry-after"] = f"{fault.retry_after:g}"
                 call.headers.update(fault.headers)
+                message = f"fake fault: status {fault.status}"
+                if fault.echo:
+                    message += f" for API key {state.value}"
                 return self._error(
                     anthropic,
                     fault.status,
-                    f"fake fault: status {fault.status}",
+                    message,
                     call.headers,
                     code=fault.code,
                 )
