@@ -303,9 +303,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 class ProxyProcess:
-    """``python -m sideproxy serve ...`` as a subprocess; stderr collected, never printed."""
+    """``python -m sideproxy serve --port P ...`` as a subprocess (or ``command`` + ``args``);
+    stderr collected, never printed."""
 
-    def __init__(self, args: list[str], port: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        env: Mapping[str, str],
+        command: list[str] | None = None,
+    ) -> None:
+        import sys  # noqa: PLC0415
+
+        self.command = command or [sys.executable, "-m", "sideproxy", "serve", "--port", str(port)]
         self.args = args
         self.port = port
         self.env = dict(env)
@@ -320,10 +330,8 @@ class ProxyProcess:
         return self.process.pid
 
     async def start(self, ready: bool = True) -> ProxyProcess:
-        import sys  # noqa: PLC0415
-
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sideproxy", "serve", "--port", str(self.port), *self.args,
+            *self.command, *self.args,
             env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         self._drain = asyncio.create_task(self._collect())
