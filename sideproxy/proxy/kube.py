@@ -302,12 +302,6 @@ class _Pending:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    until: float  # deadline reported (inf for Unauthorized)
-    at: float  # when
-
-
 Slot = tuple[str, str, str]  # (key name, reason, fingerprint)
 
 
@@ -331,7 +325,7 @@ class EventReporter:
         self._pool = pool
         self._instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
         self._pending: dict[Slot, _Pending] = {}
-        self._reported: dict[Slot, _Sent] = {}
+        self._reported: dict[Slot, float] = {}  # deadline last reported (inf: Unauthorized)
         self._folded: dict[Slot, int] = {}  # answers deduplicated away, carried to the next report
         self._wakeup = asyncio.Event()
         self._max_pending = max_pending
@@ -348,7 +342,7 @@ class EventReporter:
         sent = self._reported.get(slot)
         if sent is None or slot[1] == "Unauthorized":
             return False
-        return now < sent.until and until <= sent.until + WINDOW_SLACK
+        return now < sent and until <= sent + WINDOW_SLACK
 
     def report(self, transitions: list[Transition]) -> None:
         """Non-blocking; called on the request path."""
@@ -380,15 +374,14 @@ class EventReporter:
             self._wakeup.clear()
             while self._pending:
                 batch = list(itertools.islice(self._pending.items(), _SEND_CONCURRENCY))
-                previous: dict[Slot, _Sent | None] = {}
-                now = self._clock()
+                previous: dict[Slot, float | None] = {}
                 for slot, pending in batch:
                     del self._pending[slot]
                     # Counted as reported from now on, so that the answers still arriving for
                     # this window while the POST is in flight fold into it.
                     previous[slot] = self._reported.get(slot)
                     until = pending.transition.until
-                    self._reported[slot] = _Sent(until if until is not None else math.inf, now)
+                    self._reported[slot] = until if until is not None else math.inf
                 results = await asyncio.gather(
                     *(self._send(pending) for _, pending in batch), return_exceptions=True
                 )
@@ -431,10 +424,10 @@ class EventReporter:
         if len(self._reported) < 4096:
             return
         now = self._clock()
-        self._reported = {s: r for s, r in self._reported.items() if r.until > now}
+        self._reported = {s: until for s, until in self._reported.items() if now < until < math.inf}
         self._folded = {s: n for s, n in self._folded.items() if s in self._reported}
 
-    def _unsent(self, slot: Slot, previous: _Sent | None) -> None:
+    def _unsent(self, slot: Slot, previous: float | None) -> None:
         if previous is None:
             self._reported.pop(slot, None)
         else:
