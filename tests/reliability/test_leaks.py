@@ -63,7 +63,9 @@ async def _one(session: aiohttp.ClientSession, base: str, i: int) -> str:
             data = await resp.read()
             if resp.status != 200:
                 _shaped(data)
-            return str(resp.status)
+                # Only a 5xx after every attempt met a fault (max_attempts) may get here.
+                return "spent" if resp.status >= 500 else str(resp.status)
+            return "200"
     if kind < 15:
         async with session.post(base + "/v1/chat/completions", json=STREAM) as resp:
             data = await resp.read()
@@ -148,12 +150,15 @@ async def test_ten_thousand_mixed_requests_leak_nothing(start_proxy: StartProxy)
         after = await _quiet(spy)
         upstream = await fake.stats()
 
-    # Every request was answered, and answered sensibly: every non-streamed request that
-    # met a fault was retried to a 200; a stream that broke after its first byte ended with an
-    # error event (never retried); bad input got its 4xx without going upstream.
+    # Every request was answered, and answered sensibly: a non-streamed request that met a
+    # fault was retried to a 200 (a handful met a fault on every one of their 4 attempts: they
+    # got the last answer, a 5xx in the error shape); a stream that broke after its first byte
+    # ended with an error event (never retried); bad input got its 4xx and never went upstream.
     assert sum(seen.values()) == REQUESTS
-    assert set(seen) <= {"200", "200-stream", "200-stream-error", "400", "404", "left"}, seen
-    assert seen["200"] == 12 * REQUESTS // 20
+    expected = {"200", "spent", "200-stream", "200-stream-error", "400", "404", "left"}
+    assert set(seen) <= expected, seen
+    assert seen["200"] + seen["spent"] == 12 * REQUESTS // 20
+    assert seen["spent"] <= 12 * REQUESTS // 20 // 500, seen  # at most 0.2%
     assert seen["200-stream"] + seen["200-stream-error"] == 4 * REQUESTS // 20
     assert seen["400"] == 2 * REQUESTS // 20
     assert seen["404"] == REQUESTS // 20
