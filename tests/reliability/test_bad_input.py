@@ -136,10 +136,28 @@ async def test_host_header_and_forwarding_headers_do_not_pick_the_upstream(
         f"{AUTH_LINE}X-Forwarded-Host: {attacker.netloc}\r\nForwarded: host={attacker.netloc}\r\n"
         f"X-Original-URL: http://{attacker.netloc}/v1/models\r\n"
     )
-    line = "GET /v1/models HTTP/1.1"
-    status, body = await raw_request(guarded.url.replace("127.0.0.1", "localhost"), line, headers)
-    assert status == 200
+    async with steady(guarded.url, AUTH):
+        answer = await _first_answer(
+            guarded.url,
+            f"GET /v1/models HTTP/1.1\r\nHost: {attacker.netloc}\r\n{headers}\r\n".encode(),
+        )
+    assert answer.startswith(b"HTTP/1.1 200")
+    body = answer.partition(b"\r\n\r\n")[2]
     assert json.loads(body)["object"] == "list"  # answered by the configured provider
+    assert attacker.untouched()
+
+
+async def test_encoded_crlf_in_the_query_stays_encoded(
+    guarded: Proxy, fake: FakeProvider, attacker: Attacker
+) -> None:
+    """The query passes through verbatim: still percent-encoded, so no header is born."""
+    query = f"x=%0d%0aX-Injected:%201%0d%0aHost:%20{attacker.netloc}"
+    async with steady(guarded.url, AUTH):
+        status, _ = await raw_request(guarded.url, f"GET /v1/models?{query} HTTP/1.1", AUTH_LINE)
+    assert status == 200
+    arrived = [entry for entry in fake.recent if entry[1].startswith("/v1/models?")]
+    assert [path for _, path, _ in arrived] == [f"/v1/models?{query}"]
+    assert "x-injected" not in {name.lower() for name, _ in arrived[0][2]}
     assert attacker.untouched()
 
 
@@ -201,9 +219,12 @@ async def test_wrong_content_types_get_a_clear_4xx(
     guarded: Proxy, http: aiohttp.ClientSession, content_type: str
 ) -> None:
     headers = {**AUTH, "Content-Type": content_type} if content_type else AUTH
-    resp = await http.post(guarded.base_url + "/chat/completions", data=b"model=m", headers=headers)
-    assert resp.status == 400
-    assert json.loads(await resp.read())["error"]["message"]  # the provider's own 400
+    async with steady(guarded.url, AUTH):
+        resp = await http.post(
+            guarded.base_url + "/chat/completions", data=b"model=m", headers=headers
+        )
+        assert resp.status == 400
+        assert json.loads(await resp.read())["error"]["message"]  # the provider's own 400
 
 
 async def test_huge_bodies_are_413_sized_or_chunked(
@@ -401,7 +422,7 @@ async def test_half_a_body_then_gone_sends_nothing_upstream(
 ) -> None:
     tasks = len(asyncio.all_tasks())
     before = len(fake.recent)
-    for _ in range(10):
+    for _ in range(10):  # sequential: the task count is read with no steady client running
         _, writer = await _open(guarded.url)
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
