@@ -426,3 +426,17 @@ async def test_hurry_skips_the_quiet_period() -> None:
         assert len(calls) == 1, "a plain poke still waits for quiet"
     finally:
         await workers.close()
+
+
+def test_the_event_watch_is_narrowed_by_the_api_server() -> None:
+    """kopf's handler ``labels=`` filter is client-side; the selector in the settings is what
+    the API server sees, so the operator lists and watches only unconsumed reports."""
+    from kopf._cogs.structs.references import Resource  # noqa: PLC0415
+
+    from sideproxy.operator._runner import kopf_settings  # noqa: PLC0415
+
+    settings = kopf_settings()
+    events = Resource("", "v1", "events", kind="Event", namespaced=True)
+    assert settings.watching.label_selectors.collect(events) == [REPORT_SELECTOR]
+    secrets = Resource("", "v1", "secrets", kind="Secret", namespaced=True)
+    assert settings.watching.label_selectors.collect(secrets) == []
