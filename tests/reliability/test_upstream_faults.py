@@ -21,6 +21,7 @@ import pytest
 
 from sideproxy.fake_provider import FakeProvider
 from sideproxy.models import fingerprint
+from sideproxy.pool import Outcome
 from tests.proxy.conftest import SECRETS, K, Proxy, StartProxy, keys, manifests, snapshot
 from tests.reliability.conftest import CHAT, STREAM, PoolSpy, error_of, key_states, settle
 
@@ -270,11 +271,13 @@ async def test_connection_refused_fails_fast_and_spares_other_providers(
         assert states["key-1"]["health"] == states["key-2"]["health"] == expected
         async with http.post(proxy.url + "/openai/v1/chat/completions", json=CHAT) as ok:
             assert ok.status == 200
-    assert spy.outcomes  # both dead keys released every time
+    # Each dead key dialled once per request, never twice; and released each time.
+    assert spy.outcomes[Outcome.CONNECT_ERROR] == 6
     assert spy.in_flight == 0
     # Both breakers open: the dead provider is not even dialled; 429 with Retry-After.
     async with http.post(proxy.base_url + "/chat/completions", json=CHAT) as resp:
         assert resp.status == 429
         assert error_of(await resp.read())["code"] == "no_key_available"
         assert resp.headers["Retry-After"] == "1"
+    assert spy.outcomes[Outcome.CONNECT_ERROR] == 6  # breakers open: not even dialled
     assert fake.stats() == {fingerprint(SECRETS[2]): 3}
