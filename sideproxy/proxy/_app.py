@@ -61,7 +61,8 @@ class _ClientErrorFilter(logging.Filter):
     """Rewrites aiohttp's record of a request its HTTP parser rejected (a client's fault: too
     long, too many or invalid header lines, a bad request line, broken chunking) into one line
     that names the problem's class and nothing the client sent: no exception text, no
-    traceback. The client got aiohttp's 400 and its connection was closed."""
+    traceback. The client got a 400 (in the OpenAI shape when served by ``ProxyRunner``) and its
+    connection was closed."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
