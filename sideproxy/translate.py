@@ -265,7 +265,7 @@ def from_manifests(
             else:
                 raise ManifestError(f"{where}: unsupported apiVersion/kind {api_version}/{kind}")
         except ValidationError as exc:
-            raise ManifestError(f"{where}: {_explain(exc)}") from None
+            raise ManifestError(f"{where}: {explain_spec_error(exc)}") from None
     if pool_name is not None:
         pools = [p for p in pools if p.name == pool_name]
     if len(pools) != 1:
@@ -286,7 +286,8 @@ def _secret_data(doc: Mapping[str, Any], where: str) -> dict[str, str]:
     return data
 
 
-def _explain(exc: ValidationError) -> str:
+def explain_spec_error(exc: ValidationError) -> str:
+    """A spec validation error as one line naming each field at fault (no input values)."""
     parts = []
     for error in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in error["loc"])
@@ -312,7 +313,8 @@ def from_env_keys(
             }
         )
     except ValidationError as exc:
-        raise ManifestError(f"SIDE_POOL_PROVIDER / SIDE_POOL_BASE_URL: {_explain(exc)}") from None
+        problem = explain_spec_error(exc)
+        raise ManifestError(f"SIDE_POOL_PROVIDER / SIDE_POOL_BASE_URL: {problem}") from None
     secret = {f"key-{i}": v for i, v in enumerate((v.strip() for v in values if v.strip()), 1)}
     keys = [
         KeyInput(

@@ -15,16 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from sideproxy.models import CreditPoolSpec, PoolKeySpec, PoolKeyStatus
+from sideproxy.translate import explain_spec_error
 
 PoolId = tuple[str, str]  # (namespace, CreditPool name)
-
-
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in error["loc"])
-        parts.append(f"spec.{loc}: {error['msg']}" if loc else error["msg"])
-    return "; ".join(parts)
 
 
 def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -93,7 +86,7 @@ class KeyRecord:
         try:
             spec = PoolKeySpec.model_validate(dict(raw_spec))
         except (ValidationError, TypeError, ValueError) as exc:
-            error = _explain(exc) if isinstance(exc, ValidationError) else str(exc)
+            error = explain_spec_error(exc) if isinstance(exc, ValidationError) else str(exc)
         status = body.get("status") or {}
         return cls(
             ref=ObjectRef.of("PoolKey", body),
@@ -119,7 +112,7 @@ class PoolRecord:
         try:
             spec = CreditPoolSpec.model_validate(dict(raw_spec))
         except (ValidationError, TypeError, ValueError) as exc:
-            error = _explain(exc) if isinstance(exc, ValidationError) else str(exc)
+            error = explain_spec_error(exc) if isinstance(exc, ValidationError) else str(exc)
         status = body.get("status") or {}
         return cls(
             ref=ObjectRef.of("CreditPool", body),
