@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.cluster import GROUP, VERSION, Loop
 from tests.e2e.procs import Outcome, ProxyProc, failures, http_json
@@ -43,10 +46,10 @@ def events_on(loop: Loop, kind: str, name: str) -> list[Any]:
 
 def pool_status(loop: Loop, name: str) -> dict[str, Any]:
     try:
-        body = loop.custom.get_namespaced_custom_object(
+        body: dict[str, Any] = loop.custom.get_namespaced_custom_object(
             GROUP, VERSION, loop.ns, "creditpools", name
         )
-    except Exception:  # noqa: BLE001 - not there yet
+    except ApiException:
         return {}
     return dict(body.get("status") or {})
 
@@ -90,8 +93,6 @@ def leaks(loop: Loop, extra: Mapping[str, str] | None = None) -> list[str]:
 
 
 def metrics(proxy: ProxyProc) -> str:
-    import http.client
-
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
     try:
         conn.request("GET", "/metrics")

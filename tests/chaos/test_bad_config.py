@@ -24,7 +24,7 @@ from tests.chaos.common import (
     start,
 )
 from tests.e2e.cluster import GROUP, POOL, SECRET, VERSION, Loop
-from tests.e2e.procs import Traffic, burst, wait_until
+from tests.e2e.procs import Traffic, wait_until
 from tests.kube.harness import KubeCluster
 
 pytestmark = pytest.mark.kube
@@ -162,13 +162,15 @@ def test_bad_keys_are_conditions_and_events_while_the_rest_serves(bare_loop: Loo
         assert (ready["status"], ready["reason"]) == ("False", "NoUsableKey"), ready
         assert "no usable key" in ready["message"]
         event = wait_event(loop, "CreditPool", "q", "NoUsableKey")
-        assert event.type == "Warning" and "no usable key" in event.message
+        assert event.type == "Warning"
+        assert "no usable key" in event.message
         # Pool p: the good keys only, still Ready; its table did not change at all.
         p = pool_status(loop, POOL)
         assert condition(p, "Ready")["status"] == "True", p
         assert (p["keysReady"], p["keysInvalid"]) == (3, 3), p
         table = loop.table()
-        assert table is not None and [k.name for k in table.keys] == list(keys)
+        assert table is not None
+        assert [k.name for k in table.keys] == list(keys)
         time.sleep(0.5)
         served = traffic.count()
         wait_until(lambda: traffic.count() > served + 20, 10, "traffic after the bad keys")
@@ -227,7 +229,8 @@ def test_hand_edited_configmap_is_never_loaded_and_is_repaired(bare_loop: Loop) 
     assert_all_ok(traffic.outcomes, "requests while the ConfigMap was hand-edited")
     for proxy in (a, b):
         rejected = proxy.status().get("last_rejected")
-        assert rejected and "rejected routing table" in rejected["reason"], rejected
+        assert rejected, proxy.name
+        assert "rejected routing table" in rejected["reason"], rejected
         assert proxy.status()["hash"] == good_hash
     assert "rejected routing table" in a.text()
     assert max(repairs.values()) < 3 + 2, repairs
