@@ -7,7 +7,7 @@ import http.client
 import json
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from kubernetes.client.exceptions import ApiException
 
@@ -46,8 +46,9 @@ def events_on(loop: Loop, kind: str, name: str) -> list[Any]:
 
 def pool_status(loop: Loop, name: str) -> dict[str, Any]:
     try:
-        body: dict[str, Any] = loop.custom.get_namespaced_custom_object(
-            GROUP, VERSION, loop.ns, "creditpools", name
+        body = cast(
+            dict[str, Any],
+            loop.custom.get_namespaced_custom_object(GROUP, VERSION, loop.ns, "creditpools", name),
         )
     except ApiException:
         return {}
