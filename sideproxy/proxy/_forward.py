@@ -386,6 +386,7 @@ class Forwarder:
         retry_deadline = started + compiled.retry_budget
         max_attempts = compiled.max_attempts
         cap = self._buffer_limit
+        error_cap = max(cap, 65536)  # error bodies are read (and scrubbed) even when cap is 0
         tried: list[str] = []
         failure: _Failure | ProxyError | None = None
         # A key whose 403 waits for another key's answer to the same request (see the docstring).
@@ -474,12 +475,13 @@ class Forwarder:
                 # Read whole: nothing has reached the client, so a broken body is still
                 # retryable. Error bodies are read up to the buffer limit, however they come.
                 try:
-                    if length is not None and length > cap:
+                    limit = error_cap if error else cap
+                    if length is not None and length > limit:
                         payload = None
                     elif length is not None:
                         payload = await resp.read()
                     else:
-                        payload = await _read_capped(resp, cap)
+                        payload = await _read_capped(resp, limit)
                 except asyncio.CancelledError:
                     resp.close()
                     self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
@@ -537,7 +539,7 @@ class Forwarder:
                 plain = (
                     None
                     if payload is None
-                    else _decoded(payload, resp.headers.get("Content-Encoding"), cap)
+                    else _decoded(payload, resp.headers.get("Content-Encoding"), error_cap)
                 )
                 if status == 401 or (status == 403 and plain is not None and _key_level(plain)):
                     outcome, retry = Outcome.UNAUTHORIZED, True

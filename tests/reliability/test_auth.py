@@ -147,10 +147,12 @@ async def test_cluster_mode_without_client_auth_needs_no_auth(
         if ready:
             await proxy.wait_ready()
         else:
-            for _ in range(100):  # it comes up, loads the table, refuses it: never ready
-                if b"config rejected" in proxy.stderr:
+            # It comes up, loads the table, refuses it: listening, but never ready.
+            for _ in range(400):  # 20 s at most
+                if b"config rejected" in proxy.stderr and await proxy.readyz() != 0:
                     break
                 await asyncio.sleep(0.05)
+            assert b"config rejected" in proxy.stderr
             assert await proxy.readyz() == 503
     finally:
         assert await proxy.stop() == 0

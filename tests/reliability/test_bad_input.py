@@ -413,7 +413,7 @@ async def test_fifty_slowloris_connections_at_once_are_all_closed(guarded: Proxy
         await settle(lambda: sum(good.statuses.values()) >= 3)
         fds = open_fds()  # the steady client's connections (and the proxy's upstream) are open
         times = await asyncio.gather(*(trickle() for _ in range(50)))
-        assert max(times) <= 2.0
+        assert max(times) <= 3.0
         await settle(lambda: open_fds() <= fds, within=5)
 
 

@@ -38,7 +38,7 @@ REQUESTS = int(os.environ.get("SIDEPROXY_LEAK_REQUESTS", "10000"))
 WARMUP = 1000
 CONCURRENCY = 48
 SPEC = {
-    "timeouts": {"firstByteSeconds": 0.3, "idleStreamSeconds": 1},
+    "timeouts": {"firstByteSeconds": 0.5, "idleStreamSeconds": 2},
     "breaker": {"failureThreshold": 5, "backoffSeconds": 0.3, "maxBackoffSeconds": 1},
     "cooldown": {"defaultSeconds": 0.5},
 }
@@ -63,8 +63,9 @@ async def _one(session: aiohttp.ClientSession, base: str, i: int) -> str:
             data = await resp.read()
             if resp.status != 200:
                 _shaped(data)
-                # Only a 5xx after every attempt met a fault (max_attempts) may get here.
-                return "spent" if resp.status >= 500 else str(resp.status)
+                # Only a request whose every attempt met a fault may get here: the last 5xx, or
+                # a 429 when every key happened to be cooling or open at once.
+                return "spent" if resp.status >= 500 or resp.status == 429 else str(resp.status)
             return "200"
     if kind < 15:
         async with session.post(base + "/v1/chat/completions", json=STREAM) as resp:

@@ -233,7 +233,7 @@ async def test_every_key_hanging_is_a_504_in_the_error_shape(
         body = await resp.read()
     assert resp.status == 504
     assert error_of(body)["code"] == "upstream_timeout"
-    assert time.monotonic() - started < 3.0  # 3 x 0.5 s first-byte timeouts, bounded
+    assert time.monotonic() - started < 4.0  # 3 x 0.5 s first-byte timeouts, bounded
     assert sum(fake.stats().values()) == 3
 
 
