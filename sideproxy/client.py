@@ -34,7 +34,9 @@ from sideproxy.models import DEFAULT_BASE_URLS, Provider
 from sideproxy.pool import Key, KeyConfig, ManagedCreditPool, Outcome, PoolPolicy
 
 Mode = Literal["single", "pool", "proxy"]
-_RETRYABLE = frozenset({Outcome.RATE_LIMITED, Outcome.SERVER_ERROR, Outcome.UNAUTHORIZED})
+_RETRYABLE = frozenset(
+    {Outcome.RATE_LIMITED, Outcome.SERVER_ERROR, Outcome.UNAUTHORIZED, Outcome.FORBIDDEN}
+)
 
 
 class LLMError(Exception):
@@ -187,6 +189,7 @@ class _Attempt:
         client, pool = self._client, self._client.pool
         tried: set[str] = set()
         last: LLMError | None = None
+        forbidden: Key | None = None  # the key that answered 403, until another key has spoken
         for _ in range(client._max_attempts):
             now = time.time()
             key = pool.acquire(client._provider, now, exclude=tried)
@@ -202,17 +205,34 @@ class _Attempt:
                 last = LLMError(0, f"{key.name}: {type(exc).__name__}")
                 continue
             outcome = Outcome.from_status(response.status)
+            if response.status == 403:
+                outcome = Outcome.FORBIDDEN
             if response.status < 300:
+                if forbidden is not None:  # another key served it: the 403 was that key's
+                    pool.release(forbidden, Outcome.FORBIDDEN, time.time())
                 self._key, self._response = key, response
                 return response
             text = await response.text()
             response.release()
-            pool.release(key, outcome, time.time(), response.headers)
             # Providers echo (parts of) a rejected key in their messages; never pass that on.
             message = _message(text).replace(key.secret, f"<{key.name}>")
             last = LLMError(response.status, message, _retry_after(response.headers))
+            if outcome is Outcome.FORBIDDEN:
+                # Usually about the request (model, region), not the key: never revoke on it.
+                # Ask one other key; a second 403 is the answer and teaches neither key anything.
+                if forbidden is not None:
+                    pool.release(forbidden, Outcome.OK, time.time())
+                    pool.release(key, Outcome.OK, time.time())
+                    raise last
+                forbidden = key
+                continue
+            pool.release(key, outcome, time.time(), response.headers)
             if outcome not in _RETRYABLE:
+                if forbidden is not None:
+                    pool.release(forbidden, Outcome.FORBIDDEN, time.time())
                 raise last
+        if forbidden is not None:
+            pool.release(forbidden, Outcome.FORBIDDEN, time.time())
         if last is not None:
             raise last
         recovery = pool.next_recovery(client._provider, time.time())

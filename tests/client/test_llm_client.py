@@ -79,3 +79,19 @@ async def test_every_key_revoked_is_a_clear_error_without_key_values() -> None:
             with pytest.raises(LLMError, match="cooling down or revoked"):
                 await llm.chat(HELLO, model="fake-model")
             assert sum(fake.stats().values()) == before
+
+
+async def test_a_403_for_the_request_is_returned_without_revoking_keys() -> None:
+    """A 403 is usually about the request (a model the org may not use): asked of one other
+    key, then answered; no key is revoked or blamed, so one bad caller cannot drain the pool."""
+    async with FakeProvider(keys=KEYS, forbid_models=["forbidden-model"]) as fake:
+        llm = LLMClient(keys=KEYS, provider="custom", base_url=fake.base_url)
+        async with llm:
+            for _ in range(5):
+                with pytest.raises(LLMError) as excinfo:
+                    await llm.chat(HELLO, model="forbidden-model")
+                assert excinfo.value.status == 403
+            # Asked of two keys each time, and no key was taken out for the request's fault.
+            assert sum(fake.stats().values()) == 10
+            assert all(s.health == "ready" and s.failures == 0 for s in llm.pool.statuses(0))
+            assert (await llm.chat(HELLO, model="fake-model"))["choices"]
