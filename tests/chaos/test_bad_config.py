@@ -24,7 +24,7 @@ from tests.chaos.common import (
     start,
 )
 from tests.e2e.cluster import GROUP, POOL, SECRET, VERSION, Loop
-from tests.e2e.procs import Traffic, wait_until
+from tests.e2e.procs import ProxyProc, Traffic, wait_until
 from tests.kube.harness import KubeCluster
 
 pytestmark = pytest.mark.kube
@@ -180,6 +180,16 @@ def test_bad_keys_are_conditions_and_events_while_the_rest_serves(bare_loop: Loo
     assert not leaks(loop)
 
 
+def new_rejection(proxy: ProxyProc, before: Any, what: str) -> dict[str, Any]:
+    """Wait until ``proxy`` shows a ``last_rejected`` other than ``before``; it."""
+    found: dict[str, Any] = proxy.wait_for(
+        lambda p: (r := p.status().get("last_rejected")) != before and r,
+        5,
+        f"rejecting the {what} edit",
+    )
+    return found
+
+
 def edit_table(loop: Loop, text: str) -> None:
     loop.core.patch_namespaced_config_map(
         routing_configmap_name(POOL), loop.ns, {"data": {TABLE_DATA_KEY: text}}
@@ -210,12 +220,16 @@ def test_hand_edited_configmap_is_never_loaded_and_is_repaired(bare_loop: Loop) 
         "empty": "",
     }
     repairs = {}
+    reasons: dict[str, str] = {}
     with Traffic([a.port, b.port]) as traffic:
         for what, text in edits.items():
+            last = {p.name: p.status().get("last_rejected") for p in (a, b)}
             edit_table(loop, text)
             edited = time.monotonic()
             for proxy in (a, b):
-                # Either it rejected the edit, or the repair came first; never loaded it.
+                # Every replica sees the edit and rejects it; none loads it.
+                rejected = new_rejection(proxy, last[proxy.name], what)
+                reasons[what] = rejected["reason"]
                 st = proxy.status()
                 assert st["hash"] == good_hash, (what, proxy.name, st["hash"])
             repaired = loop.wait_table(lambda t: t.hash == good_hash, 10, f"{what} repaired")
@@ -234,5 +248,6 @@ def test_hand_edited_configmap_is_never_loaded_and_is_repaired(bare_loop: Loop) 
         assert proxy.status()["hash"] == good_hash
     assert "rejected routing table" in a.text()
     assert max(repairs.values()) < 3 + 2, repairs
+    print("rejected:", reasons)
     print("repaired after (s):", {k: round(v, 2) for k, v in repairs.items()})
     assert not leaks(loop)

@@ -1,7 +1,9 @@
 """1,000 PoolKeys cooling at once while a proxy serves the pool: the operator's writes stay
 bounded, the table stays under the ConfigMap limit, and the proxy keeps answering.
 
-Extends the operator-only ``tests/e2e/test_reports.py::test_a_thousand_keys_cooling_at_once_...`` with a proxy replica serving the pool through the storm.
+Extends the operator-only
+``tests/e2e/test_reports.py::test_a_thousand_keys_cooling_at_once_is_a_bounded_number_of_writes``
+with a proxy replica serving the pool through the storm.
 """
 
 from __future__ import annotations
