@@ -242,9 +242,9 @@ def test_hand_edited_configmap_is_never_loaded_and_is_repaired(bare_loop: Loop) 
         wait_until(lambda: traffic.count() > 50, 10, "traffic")
     assert_all_ok(traffic.outcomes, "requests while the ConfigMap was hand-edited")
     for proxy in (a, b):
-        rejected = proxy.status().get("last_rejected")
-        assert rejected, proxy.name
-        assert "rejected routing table" in rejected["reason"], rejected
+        last_rejected = proxy.status().get("last_rejected")
+        assert last_rejected, proxy.name
+        assert "rejected routing table" in last_rejected["reason"], last_rejected
         assert proxy.status()["hash"] == good_hash
     assert "rejected routing table" in a.text()
     assert max(repairs.values()) < 3 + 2, repairs
