@@ -30,7 +30,10 @@ _HOP_BY_HOP = frozenset(
 )
 # The client's credentials (its virtual key) never travel upstream; the proxy injects the key's.
 _CLIENT_AUTH = frozenset({"authorization", "x-api-key", "api-key"})
-_DROP_REQUEST = _HOP_BY_HOP | _CLIENT_AUTH | {"host", "content-length", "expect"}
+# Which organisation or project a pool key bills to is the pool's decision, not the client's:
+# forwarded, these would let a client spend another org or project the key can reach.
+_KEY_SCOPE = frozenset({"openai-organization", "openai-project"})
+_DROP_REQUEST = _HOP_BY_HOP | _CLIENT_AUTH | _KEY_SCOPE | {"host", "content-length", "expect"}
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-length"}
 
 AUTHORIZATION = istr("Authorization")
