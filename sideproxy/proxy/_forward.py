@@ -7,6 +7,8 @@ Per request::
         key = pool.acquire(provider, now, exclude=tried)      None -> stop
         send upstream with the key's auth header
         429 / 401 / 5xx / connect error / timeout            -> release, next key at once
+          (5xx, timeouts, resets and broken bodies only for replayable requests: see
+          _REPLAYABLE_PATHS; a files or batches upload is never sent twice)
         a 2xx whose JSON body is broken (read whole)         -> release (a failure), next key
         403                                                  -> see below
         an error (>= 400): read whole, up to buffer_limit    -> scrubbed of key material, answer
@@ -82,6 +84,27 @@ access_log = logging.getLogger("sideproxy.access")
 
 _RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.SERVER_ERROR})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Requests that change nothing at the provider but the bill, so they may be sent again after a
+# failure that could have reached the provider (a 5xx, a timeout, a reset, a broken body). Any
+# other request (files, batches, fine-tuning jobs, assistants, vector stores, ...) moves to the
+# next key only when the provider cannot have acted on it: a refused connection, a 429, a 401.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_REPLAYABLE_PATHS = frozenset(
+    {
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/messages",
+        "/messages/count_tokens",
+        "/moderations",
+        "/responses",
+        "/rerank",
+        "/images/generations",
+        "/audio/speech",
+        "/audio/transcriptions",
+        "/audio/translations",
+    }
+)
 _INFO = logging.INFO
 _monotonic = time.monotonic
 
@@ -324,8 +347,17 @@ class Forwarder:
             terminator = b"[DONE]"
         elif upstream.anthropic and rest.endswith("/messages"):
             terminator = b"message_stop"
+        replayable = request.method in _SAFE_METHODS or rest in _REPLAYABLE_PATHS
         return await self._forward(
-            request, compiled, upstream, URL(target, encoded=True), body, started, ctx, terminator
+            request,
+            compiled,
+            upstream,
+            URL(target, encoded=True),
+            body,
+            started,
+            ctx,
+            terminator,
+            replayable,
         )
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -372,6 +404,7 @@ class Forwarder:
         started: float,
         ctx: _Ctx,
         terminator: bytes | None,
+        replayable: bool,
     ) -> web.StreamResponse:
         session = self.session
         if session is None:
@@ -434,12 +467,16 @@ class Forwarder:
                 except TimeoutError:
                     self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
                     failure = UpstreamTimeout(f"provider {provider} did not answer in time")
+                    if not replayable:
+                        break
                     continue
                 except aiohttp.ClientError as exc:
                     self._release(key, Outcome.CONNECT_ERROR, None, provider, "error")
                     failure = UpstreamUnreachable(
                         f"provider {provider} is unreachable ({type(exc).__name__})"
                     )
+                    if not replayable and not isinstance(exc, aiohttp.ClientConnectorError):
+                        break  # the request may have reached the provider
                     continue
                 except BaseException:
                     self._release(key, Outcome.CANCELLED, None, provider, "error")
@@ -448,7 +485,9 @@ class Forwarder:
                 status = resp.status
                 # A 403 is judged below (key-level code, or another key's answer).
                 outcome = Outcome.from_status(status) if status != 403 else Outcome.OK
-                retry = outcome in _RETRY_OUTCOMES or status == 401
+                retry = status == 401 or (
+                    outcome in _RETRY_OUTCOMES and (replayable or status == 429)
+                )
                 error = status >= 400
                 sse = resp.content_type == "text/event-stream"
                 length = resp.content_length
@@ -491,6 +530,8 @@ class Forwarder:
                     resp.close()
                     self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
                     failure = UpstreamTimeout(f"provider {provider} stopped sending the response")
+                    if not replayable:
+                        break
                     continue
                 except aiohttp.ClientError as exc:
                     resp.close()
@@ -498,6 +539,8 @@ class Forwarder:
                     failure = UpstreamUnreachable(
                         f"provider {provider} broke off the response ({type(exc).__name__})"
                     )
+                    if not replayable:
+                        break
                     continue
                 except BaseException:
                     resp.close()
@@ -521,6 +564,8 @@ class Forwarder:
                         failure = UpstreamInvalid(
                             f"provider {provider} answered {status} with a broken JSON body"
                         )
+                        if not replayable:
+                            break
                         continue
                     self._release(key, outcome, resp.headers, provider, str(status))
                     if held is not None:
