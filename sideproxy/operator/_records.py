@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sideproxy.models import CreditPoolSpec, PoolKeySpec, PoolKeyStatus
 from sideproxy.translate import explain_spec_error
@@ -81,19 +81,13 @@ class KeyRecord:
     def of(cls, body: Mapping[str, Any]) -> KeyRecord:
         raw_spec = body.get("spec") or {}
         pool = str(raw_spec.get("pool", "")) if isinstance(raw_spec, Mapping) else ""
-        spec: PoolKeySpec | None = None
-        error = ""
-        try:
-            spec = PoolKeySpec.model_validate(dict(raw_spec))
-        except (ValidationError, TypeError, ValueError) as exc:
-            error = explain_spec_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        status = body.get("status") or {}
+        spec, error = _parse_spec(PoolKeySpec, raw_spec)
         return cls(
             ref=ObjectRef.of("PoolKey", body),
             pool=pool,
             spec=spec,
             spec_error=error,
-            status=copy.deepcopy(dict(status)) if isinstance(status, Mapping) else {},
+            status=_status_copy(body),
         )
 
 
@@ -106,20 +100,31 @@ class PoolRecord:
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> PoolRecord:
-        raw_spec = body.get("spec") or {}
-        spec: CreditPoolSpec | None = None
-        error = ""
-        try:
-            spec = CreditPoolSpec.model_validate(dict(raw_spec))
-        except (ValidationError, TypeError, ValueError) as exc:
-            error = explain_spec_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        status = body.get("status") or {}
+        spec, error = _parse_spec(CreditPoolSpec, body.get("spec") or {})
         return cls(
             ref=ObjectRef.of("CreditPool", body),
             spec=spec,
             spec_error=error,
-            status=copy.deepcopy(dict(status)) if isinstance(status, Mapping) else {},
+            status=_status_copy(body),
         )
+
+
+_Spec = TypeVar("_Spec", bound=BaseModel)
+
+
+def _parse_spec(model: type[_Spec], raw: Any) -> tuple[_Spec | None, str]:
+    """The validated spec, or None and a one-line reason (never the input values)."""
+    try:
+        return model.model_validate(dict(raw)), ""
+    except ValidationError as exc:
+        return None, explain_spec_error(exc)
+    except (TypeError, ValueError) as exc:
+        return None, str(exc)
+
+
+def _status_copy(body: Mapping[str, Any]) -> dict[str, Any]:
+    status = body.get("status") or {}
+    return copy.deepcopy(dict(status)) if isinstance(status, Mapping) else {}
 
 
 @dataclass(frozen=True, slots=True)
