@@ -50,9 +50,13 @@ _PROBED = frozenset({KeyHealth.EXHAUSTED, KeyHealth.REVOKED})
 _FAILURES = frozenset(
     {Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.FORBIDDEN}
 )
-# Lanes kept per provider. Model names come from clients; past this the least recently used
-# lane is dropped (its keys' places in it are forgotten, nothing else).
+# Lanes kept per provider. Model names come from clients, so the number of lanes is bounded,
+# and so is their memory (one heap entry per key per lane, ~100 bytes): at most MAX_LANES, and
+# at most MAX_LANE_ENTRIES entries in all (200 lanes at 10,000 keys). Past that the least
+# recently used lane is dropped (its keys' places in it are forgotten, nothing else).
 MAX_LANES = 512
+MIN_LANES = 32
+MAX_LANE_ENTRIES = 2_000_000
 
 
 class _ModelState:
@@ -526,7 +530,7 @@ class ManagedCreditPool:
         if model is not None:
             state = key.limits.get(model)
             if until is not None and (state is None or (state.low_until or 0) < until):
-                self._set_model(key, model, None, until, now)
+                self._set_model(key, model, state.cool_until if state else None, until, now)
             elif until is None and state is not None and state.low_until is not None:
                 self._set_model(key, model, state.cool_until, None, now)
         elif until is not None:
@@ -813,7 +817,8 @@ class ManagedCreditPool:
 
     def _build_lane(self, group: _Group, model: str | None, now: float) -> _Lane:
         """A new model's schedule over the keys that serve it (on its first request)."""
-        if len(group.lanes) >= MAX_LANES:
+        cap = max(MIN_LANES, min(MAX_LANES, MAX_LANE_ENTRIES // max(len(group.keys), 1)))
+        while len(group.lanes) >= cap:
             oldest = min(
                 (m for m in group.lanes if m is not None), key=lambda m: group.lanes[m].used
             )
