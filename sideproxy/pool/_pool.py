@@ -618,6 +618,14 @@ class ManagedCreditPool:
             return False
         return self._exhaust(key, min(until, now + self._policy.quota_max_backoff), now)
 
+    def restore(self, name: str, now: float) -> bool:
+        """Bring back an exhausted or revoked key (another replica's probe passed)."""
+        key = self._keys.get(name)
+        if key is None or key.health not in _PROBED:
+            return False
+        self._set(key, KeyHealth.READY, None, now)
+        return True
+
     def revoke(self, name: str, now: float) -> bool:
         """Take a key out (the cluster says it is revoked); probed every quota_max_backoff."""
         key = self._keys.get(name)
