@@ -102,7 +102,8 @@ async def test_status_endpoint_needs_the_virtual_key_when_auth_is_on(
         assert [k["name"] for k in body["keys"]] == ["key-1", "key-2"]
         assert set(body["keys"][0]) == {
             "name", "provider", "tier", "weight", "fingerprint", "health", "until",
-            "requests", "rate_limited", "failures",
+            "requests", "rate_limited", "failures", "cooling", "exhausted", "unauthorized",
+            "models",
         }  # fmt: skip
     # /healthz, /readyz and /metrics need no key.
     for path in ("/healthz", "/readyz", "/metrics"):
