@@ -4,11 +4,12 @@ JSON bodies (OpenAI, Anthropic): the value of the top-level ``"model"`` key.
 - Up to ``PARSE_LIMIT`` bytes the body is parsed whole by ``json.loads``: the proxy checks a
   JSON request's validity anyway, so the model costs a dict lookup on top of that.
 - Larger bodies are never parsed whole on the event loop. ``bytes.rfind`` locates each
-  ``"model"`` token from the end; one followed by ``:`` is a key; it is the top-level one when the brackets
-  outside strings on its shorter side (before it, or after it) leave exactly one object open.
-  Every pass runs in C (``find``, one regex ``sub`` that drops strings, ``count``): a 1 MB chat
-  body with the model last costs a fraction of its parse (``bench/model_read.py``). A body with
-  more than ``_MAX_CANDIDATES`` such keys is parsed whole instead. The validity check at that
+  ``"model"`` token from the end; one followed by ``:`` is a key; it is the top-level one when
+  the brackets outside strings on its shorter side (before it, or after it) leave exactly one
+  object open. Every pass runs in C (``rfind``, one regex ``sub`` that drops strings,
+  ``count``): a 1 MB chat body with the model last costs ~5 µs instead of a ~2 ms parse
+  (``bench/model_read.py``). A body with more than ``_MAX_CANDIDATES`` such keys is parsed
+  whole instead. The validity check at that
   size is the outline a truncated or non-object body fails (one object: ``{`` ... ``}``); what
   is subtler is the provider's to reject.
 
