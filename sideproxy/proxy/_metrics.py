@@ -127,6 +127,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._probes = Counter(
+            "sideproxy_key_probes",
+            "Token-free probes (GET <baseURL>/models) of exhausted or revoked keys, by result "
+            "(ok: the key is back; refused; no_answer).",
+            ["provider", "result"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "sideproxy_inflight_requests", "Client requests in progress.", registry=r
         )
@@ -179,6 +186,9 @@ class Metrics:
         if child is None:
             child = self._ttfb_children[provider] = self._ttfb.labels(provider)
         child.observe(seconds)
+
+    def probe(self, provider: str, result: str) -> None:
+        self._probes.labels(provider, result).inc()
 
     def no_key(self, provider: str) -> None:
         self._no_key.labels(provider).inc()
