@@ -25,9 +25,33 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and v is not None}
 
 
+class _Stamps:
+    """The formatted second of a timestamp, cached: a busy proxy logs many lines per second,
+    and strftime + localtime/gmtime is the dearest part of formatting one."""
+
+    __slots__ = ("_convert", "_fmt", "_second", "_text")
+
+    def __init__(self, fmt: str, convert: Any) -> None:
+        self._fmt = fmt
+        self._convert = convert
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._text = time.strftime(self._fmt, self._convert(second))
+            self._second = second
+        return self._text
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Stamps("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        stamp = self._stamp(record.created)
         body: dict[str, Any] = {
             "ts": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -43,6 +67,14 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self._stamp = _Stamps(self.default_time_format, self.converter)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        msec_format = self.default_msec_format
+        stamp = self._stamp(record.created)
+        return stamp if msec_format is None else msec_format % (stamp, record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
