@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from sideproxy.proxy._exchange import ClientGone
-from sideproxy.proxy.http import Cycle, Limits, Request
-from tests.http.conftest import Conn, Serve
+from sideproxy.proxy.http import Cycle, HttpServer, Limits, Request
+from tests.http.conftest import Conn, Serve, echo
 
 Connect = Callable[[int], Awaitable[Conn]]
 GET = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -376,3 +376,32 @@ async def test_shutdown_lets_the_stream_in_flight_finish_and_closes_idle_connect
     assert b"Connection: close" not in head  # the head went out before the shutdown
     assert await busy.closed()
     await stopping
+
+
+@pytest.mark.parametrize("status", [413, 408])
+async def test_the_refuse_hook_answers_413_and_408_then_the_connection_closes(
+    connect: Connect, status: int
+) -> None:
+    """With a ``refuse`` hook (the proxy logs and counts these), the hook writes the answer."""
+    seen: list[tuple[str, bytes, int, str]] = []
+
+    async def refuse(request: Request, cycle: Cycle, code: int, message: str, kind: str) -> None:
+        seen.append((request.method, request.target, code, kind))
+        await cycle.respond(code, [(b"X-Refused", b"1"), (b"Connection", b"close")], b"no")
+
+    server = HttpServer(echo, Limits(max_body=10, body_timeout=0.2), refuse)
+    (_, port), *_ = await server.listen("127.0.0.1", 0)
+    try:
+        conn = await connect(port)
+        length = 11 if status == 413 else 5
+        await conn.send(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nab" % length)
+        got, head, body = await conn.response()
+        assert (got, body) == (status, b"no")
+        assert b"X-Refused: 1" in head
+        assert head.count(b"Connection: close") == 1
+        assert await conn.closed()
+        assert seen == [
+            ("POST", b"/v1/x", status, "body_too_large" if status == 413 else "body_read_timeout")
+        ]
+    finally:
+        await server.shutdown(0.5)

@@ -9,6 +9,7 @@ browsers and aiohttp handle it. Any later failure is the caller's to judge.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -142,6 +143,26 @@ class UpstreamClient:
                 response._deadline = pool.loop.call_later(total_timeout, _past_deadline, response)
             return response
         raise UpstreamBroken("the provider closed a fresh connection before answering")
+
+    def add_unix_origin(self, origin: str, path: str) -> None:
+        """Send requests for ``origin`` (``http://name``) over the unix socket at ``path``
+        (a leading NUL: Linux's abstract namespace)."""
+        loop = asyncio.get_running_loop()
+
+        async def connect(pool: Pool) -> Connection:
+            # Connected by hand: uvloop's create_unix_connection refuses abstract names.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, path)
+            except BaseException:
+                sock.close()
+                raise
+            _, conn = await loop.create_unix_connection(lambda: Connection(pool), sock=sock)
+            return conn
+
+        host = urlsplit(origin).hostname or "localhost"
+        self._pools[origin] = Pool(loop, b"Host: %b\r\n" % host.encode(), connect, self._keepalive)
 
     def _new_pool(self, origin: str, connect_timeout: float) -> Pool:
         parts = urlsplit(origin)

@@ -31,11 +31,14 @@ from sideproxy.proxy.http._cycle import Cycle, Request
 from sideproxy.proxy.http._flow import FlowControl
 from sideproxy.proxy.http._limits import Limits
 
-__all__ = ["Handler", "HttpServer", "ServerProtocol"]
+__all__ = ["Handler", "HttpServer", "Refuse", "ServerProtocol"]
 
 log = logging.getLogger("sideproxy.server")
 
 Handler = Callable[[Request, Cycle], Awaitable[None]]
+# Answers a request the server refused to read on (413, 408): (request, responder, status,
+# message, code). Without one the server writes the error itself.
+Refuse = Callable[[Request, Cycle, int, str, str], Awaitable[None]]
 
 _CONTENT_LENGTH = b"content-length"
 _EXPECT = b"expect"
@@ -64,6 +67,7 @@ class ServerProtocol(asyncio.Protocol):
         "_limits",
         "_loop",
         "_queue",
+        "_refused",
         "_server",
         "_url",
         "flow",
@@ -88,6 +92,7 @@ class ServerProtocol(asyncio.Protocol):
         self._ka_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._in_body = False
+        self._refused = False
         self._head_bytes = 0  # since the end of the last head: bounds a head still arriving
         self._reset_message()
 
@@ -128,17 +133,17 @@ class ServerProtocol(asyncio.Protocol):
         self.flow.resume_writing()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answering a refusal; what follows is not read
         if not self._in_body:
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except _Stop:
-            return
         except httptools.HttpParserUpgrade:
             return  # CONNECT / Upgrade: the request was parsed; its answer closes (see below)
         except httptools.HttpParserError as exc:
-            if self.lost or self.transport.is_closing():
-                return  # a callback already answered (and raised _Stop inside the parser)
+            if self._refused or self.lost or self.transport.is_closing():
+                return  # a callback already answered (its _Stop surfaces as a parser error)
             self._reject_malformed(exc)
             return
         if not self._in_body and self._head_bytes > self._limits.max_head:
@@ -182,11 +187,8 @@ class ServerProtocol(asyncio.Protocol):
             size = len(name)
             if size == 14 and name.lower() == _CONTENT_LENGTH:
                 if int(value) > self._limits.max_body:
-                    self._fail(
-                        413,
-                        f"request body is over the {self._limits.max_body}-byte limit",
-                        "body_too_large",
-                    )
+                    self._refuse(413, self._too_large(), "body_too_large")
+                    raise _Stop
                 has_body = value != b"0"
             elif size == 17 and name.lower() == _TRANSFER_ENCODING:
                 has_body = True
@@ -202,11 +204,8 @@ class ServerProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self._limits.max_body:
-            self._fail(
-                413,
-                f"request body is over the {self._limits.max_body}-byte limit",
-                "body_too_large",
-            )
+            self._refuse(413, self._too_large(), "body_too_large")
+            raise _Stop
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -238,13 +237,13 @@ class ServerProtocol(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         cycle = Cycle(self, request)
         self._active = cycle
-        cycle.task = self._loop.create_task(self._run(cycle))
+        cycle.task = self._loop.create_task(self._run(cycle, self._server.handler(request, cycle)))
 
-    async def _run(self, cycle: Cycle) -> None:
+    async def _run(self, cycle: Cycle, work: Awaitable[None]) -> None:
         server = self._server
         server.running.add(cycle)
         try:
-            await server.handler(cycle.request, cycle)
+            await work
             if not cycle.finished:
                 if cycle.started:
                     await cycle.finish()
@@ -346,11 +345,37 @@ class ServerProtocol(asyncio.Protocol):
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
-        self._answer_and_close(
+        self._refuse(
             408,
             f"the request body did not arrive within {self._limits.body_timeout:g}s",
             "body_read_timeout",
         )
+
+    def _too_large(self) -> str:
+        return f"request body is over the {self._limits.max_body}-byte limit"
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Stop reading a request whose head arrived: answer it (through the server's
+        ``refuse`` hook when there is one, so it is logged and counted), then close."""
+        self._refused = True
+        self._cancel_timers()
+        refuse = self._server.refuse
+        if refuse is None or self._active is not None or self.lost:
+            self._answer_and_close(status, message, code)
+            return
+        request = Request(
+            self.parser.get_method().decode("ascii"),
+            self._url,
+            self._headers,
+            b"",
+            self.peer,
+            False,
+        )
+        self._reset_message()
+        cycle = Cycle(self, request)
+        self._active = cycle
+        work = refuse(request, cycle, status, message, code)
+        cycle.task = self._loop.create_task(self._run(cycle, work))
 
     def _cancel_timers(self) -> None:
         if self._ka_timer is not None:
@@ -364,8 +389,11 @@ class ServerProtocol(asyncio.Protocol):
 class HttpServer:
     """Listens, tracks connections and running cycles, and stops gracefully."""
 
-    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
+    def __init__(
+        self, handler: Handler, limits: Limits | None = None, refuse: Refuse | None = None
+    ) -> None:
         self.handler = handler
+        self.refuse = refuse
         self.limits = limits or Limits()
         self.loop = asyncio.get_running_loop()
         self.connections: set[ServerProtocol] = set()

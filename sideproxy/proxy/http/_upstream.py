@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import httptools
 
-from sideproxy.proxy._exchange import Headers, UpstreamBroken, UpstreamTimedOut
+from sideproxy.proxy._exchange import Headers, RawHeaders, UpstreamBroken, UpstreamTimedOut
 from sideproxy.proxy.http._flow import FlowControl
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class Response:
         "_conn",
         "_deadline",
         "_error",
+        "_raw",
         "_read_timeout",
         "_reading",
         "_waiter",
@@ -53,8 +54,9 @@ class Response:
         self._read_timeout = read_timeout
         self.status = 0
         self.reason = ""
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.headers = Headers(self.raw_headers)
+        self._raw: list[tuple[bytes, bytes]] = []  # filled by the parser
+        self.raw_headers: RawHeaders = self._raw
+        self.headers: Mapping[str, str] = Headers(self._raw)
         self.content_length: int | None = None
         self.content_type = ""
         self._chunks: deque[bytes] = deque()
@@ -248,7 +250,7 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
-            self.response.raw_headers.append((name, value))
+            self.response._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
