@@ -405,3 +405,24 @@ async def test_the_refuse_hook_answers_413_and_408_then_the_connection_closes(
         ]
     finally:
         await server.shutdown(0.5)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ],
+    ids=["connect", "upgrade"],
+)
+async def test_connect_and_upgrade_are_answered_then_closed_never_tunnelled(
+    serve: Serve, connect: Connect, head: bytes
+) -> None:
+    _, port = await serve()
+    conn = await connect(port)
+    await conn.send(head + b"GET /v1/smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, response_head, body = await conn.response()
+    assert status == 200
+    assert b"smuggled" not in body
+    assert b"Connection: close" in response_head
+    assert await conn.closed()
