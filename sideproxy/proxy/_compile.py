@@ -122,6 +122,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
                 tier=key.tier,
                 weight=key.weight,
                 quota_scope=key.quota_scope,
+                models=tuple(key.models),
             )
         )
         if key.state is KeyState.REVOKED:
