@@ -387,6 +387,7 @@ def _serve_workers(
                 log.exception("worker failed")
                 code = 1
             finally:
+                logging.shutdown()  # os._exit skips atexit: write what is batched first
                 sys.stderr.flush()
                 os._exit(code)
         children.append(pid)

@@ -56,6 +56,7 @@ class ServerProtocol(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_body",
+        "_body_deadline",
         "_body_size",
         "_body_timer",
         "_closing",
@@ -63,6 +64,7 @@ class ServerProtocol(asyncio.Protocol):
         "_headers",
         "_in_body",
         "_in_head",
+        "_ka_deadline",
         "_ka_timer",
         "_limits",
         "_loop",
@@ -90,7 +92,9 @@ class ServerProtocol(asyncio.Protocol):
         self._active: Cycle | None = None
         self._queue: deque[Request] = deque()
         self._ka_timer: asyncio.TimerHandle | None = None
+        self._ka_deadline: float | None = None  # None: a request head has arrived
         self._body_timer: asyncio.TimerHandle | None = None
+        self._body_deadline = 0.0
         self._in_body = False
         self._refused = False
         self._head_bytes = 0  # since the end of the last head: bounds a head still arriving
@@ -146,7 +150,10 @@ class ServerProtocol(asyncio.Protocol):
                 return  # a callback already answered (its _Stop surfaces as a parser error)
             self._reject_malformed(exc)
             return
-        if not self._in_body and self._head_bytes > self._limits.max_head:
+        if self._in_body:
+            if self._body_timer is None and not self._refused:
+                self._body_timer = self._loop.call_at(self._body_deadline, self._body_timed_out)
+        elif self._head_bytes > self._limits.max_head:
             self._answer_and_close(
                 400, "the request head is over the size limit", "header_too_large"
             )
@@ -178,9 +185,7 @@ class ServerProtocol(asyncio.Protocol):
         self._in_head = False
         self._in_body = True
         self._head_bytes = 0
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-            self._ka_timer = None
+        self._ka_deadline = None  # the timer, if pending, sees this and does nothing
         has_body = False
         expect = False
         for name, value in self._headers:
@@ -197,9 +202,8 @@ class ServerProtocol(asyncio.Protocol):
         if has_body:
             if expect and self.parser.get_http_version() == "1.1":
                 self.transport.write(_wire.CONTINUE)
-            self._body_timer = self._loop.call_later(
-                self._limits.body_timeout, self._body_timed_out
-            )
+            # Armed when this data ends mid-body (data_received): most bodies arrive whole.
+            self._body_deadline = self._loop.time() + self._limits.body_timeout
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -332,16 +336,22 @@ class ServerProtocol(asyncio.Protocol):
         self._answer_and_close(400, _MALFORMED, code)
 
     def _arm_keepalive(self) -> None:
-        if self._ka_timer is not None:
-            self._ka_timer.cancel()
-        self._ka_timer = self._loop.call_later(
-            self._limits.keepalive_timeout, self._keepalive_expired
-        )
+        # One timer per connection, not one per request: a pending timer is kept and, when it
+        # fires early, moved to the current deadline (see _keepalive_expired).
+        deadline = self._loop.time() + self._limits.keepalive_timeout
+        self._ka_deadline = deadline
+        if self._ka_timer is None:
+            self._ka_timer = self._loop.call_at(deadline, self._keepalive_expired)
 
     def _keepalive_expired(self) -> None:
         self._ka_timer = None
-        if self._active is None and not self._queue:
-            self.transport.close()
+        deadline = self._ka_deadline
+        if deadline is None or self._active is not None or self._queue:
+            return  # busy: the end of its answer arms a new deadline
+        if self._loop.time() < deadline:
+            self._ka_timer = self._loop.call_at(deadline, self._keepalive_expired)
+            return
+        self.transport.close()
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
