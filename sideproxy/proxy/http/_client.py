@@ -48,9 +48,7 @@ class Pool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
+            conn.set_deadline(None)
             if not conn.transport.is_closing():
                 return conn
         return None
@@ -62,14 +60,11 @@ class Pool:
 
     def put(self, conn: Connection) -> None:
         conn.response = None
-        conn.idle_timer = self.loop.call_later(self._keepalive, conn.abort)
+        conn.set_deadline(self.loop.time() + self._keepalive, idle=True)
         self._idle.append(conn)
 
     def discard(self, conn: Connection) -> None:
         self.open.discard(conn)
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         if conn in self._idle:
             self._idle.remove(conn)
 
@@ -129,7 +124,7 @@ class UpstreamClient:
             if conn is None:
                 conn = await _connect(pool, connect_timeout)
             waiter = conn.send(data, head_only, first_byte_timeout)
-            timer = pool.loop.call_later(first_byte_timeout, _first_byte_late, waiter)
+            conn.set_deadline(pool.loop.time() + first_byte_timeout)
             try:
                 response = await waiter
             except Stale:
@@ -137,8 +132,6 @@ class UpstreamClient:
             except BaseException:
                 conn.abort()
                 raise
-            finally:
-                timer.cancel()
             if total_timeout is not None:
                 response._deadline = pool.loop.call_later(total_timeout, _past_deadline, response)
             return response
@@ -215,11 +208,6 @@ async def _connect(pool: Pool, seconds: float) -> Connection:
         raise UpstreamTimedOut("connecting to the provider timed out") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConnectFailed(f"cannot connect to the provider: {type(exc).__name__}") from None
-
-
-def _first_byte_late(waiter: asyncio.Future[Response]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamTimedOut("the provider did not answer in time"))
 
 
 def _past_deadline(response: Response) -> None:

@@ -179,12 +179,14 @@ class Connection(asyncio.Protocol):
     """A connection to one origin; one exchange at a time."""
 
     __slots__ = (
+        "_deadline",
+        "_deadline_idle",
         "_head_only",
         "_head_waiter",
         "_keep_alive",
         "_received",
+        "_timer",
         "flow",
-        "idle_timer",
         "loop",
         "parser",
         "pool",
@@ -205,7 +207,11 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._received = 0
         self.uses = 0
-        self.idle_timer: asyncio.TimerHandle | None = None
+        # One timer per connection, moved rather than re-created per request (set_deadline):
+        # the idle expiry while pooled, the first-byte deadline while waiting for a head.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._deadline_idle = False
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -214,6 +220,7 @@ class Connection(asyncio.Protocol):
         self.flow = FlowControl(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.set_deadline(None)
         self.flow.lost()
         self.pool.discard(self)
         response = self.response
@@ -257,6 +264,7 @@ class Connection(asyncio.Protocol):
         waiter = self._head_waiter
         if response is None or waiter is None or waiter.done():
             raise UpstreamBroken("an answer nobody asked for")
+        self._deadline = None  # the head is in: no first-byte deadline any more
         response.status = self.parser.get_status_code()
         response._head_done()
         if self._head_only:
@@ -273,6 +281,34 @@ class Connection(asyncio.Protocol):
             self.response._finish()
 
     # ---------------------------------------------------------------- the exchange
+
+    def set_deadline(self, when: float | None, idle: bool = False) -> None:
+        """Act at ``when`` (loop time): close if ``idle``, else fail the head's waiter."""
+        self._deadline = when
+        self._deadline_idle = idle
+        timer = self._timer
+        if when is None:
+            return  # a pending timer finds no deadline and stops
+        if timer is not None:
+            if timer.when() <= when:
+                return  # it fires first and moves itself to ``when``
+            timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        when = self._deadline
+        if when is None:
+            return
+        if self.loop.time() < when:
+            self._timer = self.loop.call_at(when, self._on_timer)
+            return
+        self._deadline = None
+        if not self._deadline_idle:
+            waiter = self._head_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(UpstreamTimedOut("the provider did not answer in time"))
+        self.abort()
 
     def send(self, data: bytes, head_only: bool, read_timeout: float) -> asyncio.Future[Response]:
         self.uses += 1
