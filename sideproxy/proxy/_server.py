@@ -255,7 +255,7 @@ async def _serving(
         access_log=None,
     )
     await runner.setup()
-    client = UpstreamClient(keepalive=settings.upstream_keepalive)
+    client = UpstreamClient(keepalive=settings.upstream_keepalive, limit=settings.connection_limit)
     try:
         sock, path = _ops_socket()
         await web.SockSite(runner, sock).start()

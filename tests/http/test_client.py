@@ -367,3 +367,30 @@ async def test_a_slow_consumer_pauses_reading_from_the_upstream(
             break
     assert sent > before
     resp.close()
+
+
+async def test_the_connection_cap_makes_requests_wait_for_a_free_connection(
+    upstream: Callable[..., Awaitable[Upstream]],
+) -> None:
+    """``limit`` (SIDE_PROXY_UPSTREAM_CONNECTIONS) caps open connections: at the cap a request
+    waits for one to come back idle, or times out within its connect timeout."""
+    box: list[Upstream] = []
+    up = await upstream(keep_answering(box))
+    box.append(up)
+    capped = UpstreamClient(limit=1)
+    try:
+        first = await send(capped, up.url + "/1")
+        second = asyncio.ensure_future(send(capped, up.url + "/2"))
+        await asyncio.sleep(0.1)
+        assert not second.done()  # waiting: the only connection is in use
+        assert await first.read(10) == b"{}"
+        first.release()
+        resp = await asyncio.wait_for(second, 5)
+        assert await resp.read(10) == b"{}"
+        busy = resp  # keep it: the cap is reached again
+        with pytest.raises(UpstreamTimedOut):
+            await send(capped, up.url + "/3", connect_timeout=0.2)
+        busy.release()
+        assert up.connections == 1
+    finally:
+        capped.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -26,6 +27,39 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 Connect = Callable[["Pool"], Awaitable[Connection]]
 
 
+class Slots:
+    """The cap on open upstream connections of one client, over all its pools (0: none).
+
+    At the cap, a request that needs a new connection closes an idle one of another origin if
+    there is one, else waits (within its connect timeout) for a connection to close or to come
+    back idle to its own pool."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def release(self) -> None:
+        self.used -= 1
+        self.wake()
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+
 class Pool:
     """Idle keep-alive connections to one origin, newest first; each closes after
     ``keepalive`` seconds unused."""
@@ -36,8 +70,10 @@ class Pool:
         host_line: bytes,
         connect: Connect,
         keepalive: float,
+        slots: Slots,
     ) -> None:
         self.loop = loop
+        self.slots = slots
         self.host_line = host_line
         self._connect = connect
         self._keepalive = keepalive
@@ -54,7 +90,13 @@ class Pool:
         return None
 
     async def connect(self) -> Connection:
-        conn = await self._connect(self)
+        slots = self.slots
+        slots.used += 1
+        try:
+            conn = await self._connect(self)
+        except BaseException:
+            slots.release()
+            raise
         self.open.add(conn)
         return conn
 
@@ -62,11 +104,21 @@ class Pool:
         conn.response = None
         conn.set_deadline(self.loop.time() + self._keepalive, idle=True)
         self._idle.append(conn)
+        self.slots.wake()
 
     def discard(self, conn: Connection) -> None:
-        self.open.discard(conn)
+        if conn in self.open:
+            self.open.discard(conn)
+            self.slots.release()
         if conn in self._idle:
             self._idle.remove(conn)
+
+    def evict_idle(self) -> bool:
+        """Close the connection idle longest; False when none is idle."""
+        if not self._idle:
+            return False
+        self._idle.pop(0).abort()
+        return True
 
     def close(self) -> None:
         for conn in list(self.open):
@@ -82,9 +134,11 @@ class UpstreamClient:
         *,
         ssl_context: ssl.SSLContext | None = None,
         keepalive: float = 30.0,
+        limit: int = 0,
     ) -> None:
         self._ssl = ssl_context
         self._keepalive = keepalive
+        self._slots = Slots(limit)
         self._pools: dict[str, Pool] = {}
 
     @property
@@ -122,7 +176,7 @@ class UpstreamClient:
         for _ in range(2):
             conn = pool.take()
             if conn is None:
-                conn = await _connect(pool, connect_timeout)
+                conn = await self._connection(pool, connect_timeout)
             waiter = conn.send(data, head_only, first_byte_timeout)
             conn.set_deadline(pool.loop.time() + first_byte_timeout)
             try:
@@ -155,7 +209,30 @@ class UpstreamClient:
             return conn
 
         host = urlsplit(origin).hostname or "localhost"
-        self._pools[origin] = Pool(loop, b"Host: %b\r\n" % host.encode(), connect, self._keepalive)
+        self._pools[origin] = Pool(
+            loop, b"Host: %b\r\n" % host.encode(), connect, self._keepalive, Slots(0)
+        )
+
+    async def _connection(self, pool: Pool, connect_timeout: float) -> Connection:
+        """A new connection, within the cap on open connections (``Slots``)."""
+        slots = self._slots
+        if not slots.limit or slots.used < slots.limit:
+            return await _connect(pool, connect_timeout)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                while slots.used >= slots.limit:
+                    for other in self._pools.values():
+                        if other is not pool and other.evict_idle():
+                            break  # its close frees a slot: wait for it below
+                    await slots.wait(pool.loop)
+                    conn = pool.take()
+                    if conn is not None:
+                        return conn
+        except TimeoutError:
+            raise UpstreamTimedOut(
+                "no upstream connection free within the connect timeout"
+            ) from None
+        return await _connect(pool, connect_timeout)
 
     def _new_pool(self, origin: str, connect_timeout: float) -> Pool:
         parts = urlsplit(origin)
@@ -190,6 +267,7 @@ class UpstreamClient:
             % (host_value.encode() if host_value.isascii() else host_value.encode("idna")),
             connect,
             self._keepalive,
+            self._slots,
         )
         self._pools[origin] = pool
         return pool
