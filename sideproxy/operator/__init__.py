@@ -11,7 +11,8 @@ Module map (all private but :func:`run`)::
     _debounce   a task per pool: batch triggers, wake at cool-down ends  (timing)
     _tables     write_table(): <pool>-keys then <pool>-routing           (outputs)
     _status     status_of(), conditions, events: pure                    (status)
-    _secrets    referenced Secret values, in memory only                 (values)
+    _secrets    referenced Secret values, read by name, in memory only   (values)
+    _watch      metadata-only list/watch of Secrets and our ConfigMaps   (watch)
     _records    what the indices hold; never a Secret value              (records)
     _leader     Lease leader election                                    (HA)
     _kube       the few raw API calls, with write counters               (I/O)
@@ -26,7 +27,10 @@ RBAC: exactly what the handlers use, per watched namespace (Role) or cluster-wid
                                                                          OwnerReferencesPermission-
                                                                          Enforcement is enabled)
     "" (core)           secrets                                list, watch, get, create, update
-    "" (core)           configmaps                             get, create, update
+                                                               (list/watch: metadata only, in
+                                                                pages; get: referenced ones)
+    "" (core)           configmaps                             list, watch, get, create, update
+                                                               (list/watch: ours, by label)
     "" (core)           events                                 create, list, watch, patch
                                                                (list/watch: proxy reports, by
                                                                 label; patch: mark consumed)

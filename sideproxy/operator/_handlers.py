@@ -5,7 +5,9 @@ object with its last-handled state, a write per PoolKey per change. Indices plus
 write nothing; the reconciler (``_reconcile.py``) decides what to write, once per pool.
 
 kopf runs ``on.event`` handlers only after every index has its initial listing, so the first
-reconcile of each pool already sees all its keys and Secrets.
+reconcile of each pool already sees all its keys. Secrets and our ConfigMaps are not kopf's:
+``_watch.MetaWatch`` follows their metadata only (kopf would list every Secret value in scope),
+and a reconcile reads the few referenced Secrets by name.
 
 Proxy reports are core/v1 Events; kopf lists and watches only the unconsumed ones (the label
 selector ``_reports.REPORT_SELECTOR``, set server-side in ``_runner.kopf_settings``). A report
@@ -25,7 +27,6 @@ from sideproxy.operator._records import (
     KeyRecord,
     PoolId,
     PoolRecord,
-    SecretMeta,
     SecretUse,
     key_secret_use,
     pool_secret_use,
@@ -69,7 +70,6 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
                 pools_by_name=kwargs["pools_by_name"],
                 key_refs_by_secret=kwargs["key_refs_by_secret"],
                 pool_refs_by_secret=kwargs["pool_refs_by_secret"],
-                secret_meta=kwargs["secret_meta"],
             )
         )
 
@@ -110,12 +110,6 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         use = pool_secret_use(body)
         return {} if use is None else {(namespace or "", use[0]): use[1]}
 
-    @kopf.index("v1", "secrets", id="secret_meta", registry=registry)
-    async def secret_meta(
-        body: kopf.Body, name: str, namespace: str | None, **_: Any
-    ) -> dict[SecretId, SecretMeta]:
-        return {(namespace or "", name): SecretMeta.of(body)}
-
     # -- triggers -----------------------------------------------------------------------------
 
     @kopf.on.event(API_GROUP, API_VERSION, "poolkeys", id="poolkey_changed", registry=registry)
@@ -127,11 +121,6 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     async def pool_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         if runtime.reconciler is not None:
             runtime.reconciler.pool_event(body, _deleted(event))
-
-    @kopf.on.event("v1", "secrets", id="secret_changed", registry=registry)
-    async def secret_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        if runtime.reconciler is not None:
-            runtime.reconciler.secret_event(body, _deleted(event))
 
     @kopf.on.event("v1", "events", id="report", labels={REPORT_LABEL: "true"}, registry=registry)
     async def report(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:

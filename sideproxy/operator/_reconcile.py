@@ -46,7 +46,6 @@ from sideproxy.operator._records import (
     ObjectRef,
     PoolId,
     PoolRecord,
-    SecretMeta,
     SecretUse,
 )
 from sideproxy.operator._reports import (
@@ -81,6 +80,7 @@ log = logging.getLogger("sideproxy.operator")
 GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 SecretId = tuple[str, str]
+NOT_OWNED_RECHECK_SECONDS = 1.0
 _GV = {"group": API_GROUP, "version": API_VERSION}
 
 
@@ -92,7 +92,6 @@ class Indices:
     pools_by_name: Mapping[PoolId, Collection[PoolRecord]]
     key_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     pool_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
-    secret_meta: Mapping[SecretId, Collection[SecretMeta]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +157,9 @@ class Reconciler:
         # What the last table written said of each key: (revoked, cooldown_until).
         self._in_table: dict[tuple[str, str], tuple[bool, float | None]] = {}
         self._reported: set[PoolId] = set()
+        # resourceVersion of our last write of each ConfigMap / Secret we own, so the watch's
+        # echo of it is not taken for a hand edit.
+        self._written: dict[tuple[str, str, str], str] = {}
         # Report Events marked consumed per pool since its last log line.
         self._consumed: Counter[PoolId] = Counter()
 
@@ -227,27 +229,50 @@ class Reconciler:
             return
         self.workers.poke((ref.namespace, ref.name))
 
-    def secret_event(self, body: Mapping[str, Any], deleted: bool) -> None:
-        meta = body.get("metadata") or {}
+    def secret_event(self, meta: Mapping[str, Any], deleted: bool) -> None:
+        """A Secret's metadata from the watch (``_watch.py``; never its data)."""
         namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        labels = meta.get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and labels.get(POOL_LABEL):
+            # One of our key-material Secrets: a hand edit or deletion gets repaired.
+            slot = ("Secret", namespace, name)
+            self._owned_changed(slot, meta, str(labels[POOL_LABEL]), deleted)
         uses = [
             *self._ix.key_refs_by_secret.get((namespace, name), ()),
             *self._ix.pool_refs_by_secret.get((namespace, name), ()),
         ]
-        labels = meta.get("labels") or {}
-        if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and labels.get(POOL_LABEL):
-            # One of our key-material Secrets: a hand edit or deletion gets repaired. (Our own
-            # writes come back here too and cost one reconcile that finds nothing to do.)
-            self.workers.poke((namespace, str(labels[POOL_LABEL])))
         if not uses:
-            self.secrets.forget(namespace, name)
+            self.secrets.forget(namespace, name)  # unrelated: nothing of it is kept
             return
-        if deleted:
-            self.secrets.forget(namespace, name)
-        else:
-            self.secrets.observe(namespace, name, body, {use.key for use in uses})
-        for pool in sorted({use.pool for use in uses}):
-            self.workers.poke((namespace, pool))
+        version = None if deleted else str(meta.get("resourceVersion", ""))
+        if self.secrets.changed(namespace, name, version):
+            for pool in sorted({use.pool for use in uses}):
+                self.workers.poke((namespace, pool))
+
+    def secrets_listed(self, namespace: str | None, listed: set[tuple[str, str]]) -> None:
+        """A complete list of Secrets: the ones we tracked and that are not in it are gone."""
+        for ns, name in self.secrets.tracked(namespace):
+            if (ns, name) not in listed:
+                self.secret_event({"namespace": ns, "name": name}, True)
+
+    def configmap_event(self, meta: Mapping[str, Any], deleted: bool) -> None:
+        """One of our routing ConfigMaps changed or went away (a watch by our label)."""
+        labels = meta.get("labels") or {}
+        pool = labels.get(POOL_LABEL)
+        if pool:
+            namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+            self._owned_changed(("ConfigMap", namespace, name), meta, str(pool), deleted)
+
+    def _owned_changed(
+        self, slot: tuple[str, str, str], meta: Mapping[str, Any], pool: str, deleted: bool
+    ) -> None:
+        """Repair what we own (slot: kind, namespace, name) unless the event is the echo of our
+        own last write."""
+        namespace = slot[1]
+        version = str(meta.get("resourceVersion", ""))
+        if not deleted and self._written.get(slot) == version:
+            return
+        self.workers.hurry((namespace, pool))
 
     def resync(self) -> None:
         """Reconcile everything the indices know (start of leadership)."""
@@ -256,10 +281,6 @@ class Reconciler:
             self.workers.poke(pool_id)
 
     # -- the reconcile --------------------------------------------------------------------
-
-    def _meta(self, namespace: str, name: str) -> SecretMeta | None:
-        meta: SecretMeta | None = _first(self._ix.secret_meta.get((namespace, name)))
-        return meta
 
     def _stale(self, kind: str, ref: ObjectRef) -> bool:
         patched = self._patched.get((kind, ref.namespace, ref.name))
@@ -332,6 +353,8 @@ class Reconciler:
             floor_version=floor if isinstance(floor, int) else 0,
             size_limit=self._opt.table_size_limit,
         )
+        for kind, obj, version in written.saved:
+            self._written[(kind, namespace, obj)] = version
         if written.table_written or written.condition.status == "True":
             for entry in translation.table.keys:
                 self._in_table[(namespace, entry.name)] = (
@@ -367,6 +390,10 @@ class Reconciler:
                 "wrote " + ", ".join(wrote) if wrote else "in sync",
             )
         deadlines = [k.cooldown_until for k in translation.table.keys if k.cooldown_until]
+        if written.condition.reason == "NotOwned":
+            # Someone else's object is in the way; its deletion is no event of ours (it does
+            # not carry our label), so look again each second until it is gone.
+            deadlines.append(now + NOT_OWNED_RECHECK_SECONDS)
         return Outcome(deadline=min(deadlines) if deadlines else None)
 
     async def _translate(
@@ -388,7 +415,7 @@ class Reconciler:
         if not auth.disabled and auth.secret_ref is not None:
             wanted.setdefault(auth.secret_ref.name, set()).add(auth.secret_ref.key)
 
-        secrets = await self.secrets.resolve(namespace, wanted, self._meta)
+        secrets = await self.secrets.resolve(namespace, wanted)
         applied: dict[str, Applied] = {}
         inputs: list[KeyInput] = []
         for key in keys:

@@ -1,8 +1,8 @@
 """What the kopf indices hold: small, comparable, value-free records of the watched objects.
 
-A Secret's record holds its resourceVersion and the *names* of its data keys, never a value;
-values live only in :class:`sideproxy.operator._secrets.SecretCache`, and only for keys that a
-PoolKey or a pool's clientAuth references.
+No record ever holds a Secret value: values live only in
+:class:`sideproxy.operator._secrets.SecretCache`, and only for keys that a PoolKey or a pool's
+clientAuth references.
 """
 
 from __future__ import annotations
@@ -133,28 +133,6 @@ class SecretUse:
 
     pool: str
     key: str
-
-
-@dataclass(frozen=True, slots=True)
-class SecretMeta:
-    """A Secret as the index knows it: version and data key names. No values."""
-
-    resource_version: str
-    keys: frozenset[str]
-    labels: Mapping[str, str] = field(hash=False, default_factory=dict)
-
-    @classmethod
-    def of(cls, body: Mapping[str, Any]) -> SecretMeta:
-        meta = _meta(body)
-        data = body.get("data") or {}
-        labels = meta.get("labels") or {}
-        return cls(
-            resource_version=str(meta.get("resourceVersion", "")),
-            keys=frozenset(str(k) for k in data) if isinstance(data, Mapping) else frozenset(),
-            labels={str(k): str(v) for k, v in labels.items()}
-            if isinstance(labels, Mapping)
-            else {},
-        )
 
 
 def key_secret_use(body: Mapping[str, Any]) -> tuple[str, SecretUse] | None:

@@ -44,8 +44,14 @@ from sideproxy.operator._kube import KubeApi
 from sideproxy.operator._leader import AlwaysLeader, Leadership, LeaseElector
 from sideproxy.operator._reconcile import Indices, Options, Reconciler
 from sideproxy.operator._reports import REPORT_SELECTOR
+from sideproxy.operator._tables import MANAGED_BY
+from sideproxy.operator._watch import MetaWatch
 
 log = logging.getLogger("sideproxy.operator")
+
+# Secrets per list page. A page is metadata only, but ``kubectl apply`` copies a Secret's data
+# into an annotation that metadata includes: 50 such 1 MB Secrets are a 50 MB page at worst.
+SECRET_PAGE = 50
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -200,6 +206,8 @@ class Runtime:
         )
         if isinstance(self.leadership, LeaseElector):
             self._tasks.append(asyncio.create_task(self.leadership.run(), name="lease"))
+        for watch in self._watches(api, self.reconciler):
+            self._tasks.append(asyncio.create_task(watch.run(), name=f"watch {watch.plural}"))
         scope = ", ".join(self.settings.namespaces) or "all namespaces"
         election = (
             f"Lease {self.settings.lease_namespace}/{self.settings.lease_name}"
@@ -207,6 +215,28 @@ class Runtime:
             else "no leader election"
         )
         log.info("operator %s watching %s (%s)", self.settings.identity, scope, election)
+
+    def _watches(self, api: KubeApi, reconciler: Reconciler) -> list[MetaWatch]:
+        """Secrets (metadata only, in pages: values are read by name when referenced) and the
+        ConfigMaps we write (by our label), so a deleted or edited one is repaired at once."""
+        namespaces = self.settings.namespaces
+        return [
+            MetaWatch(
+                api,
+                "secrets",
+                namespaces,
+                reconciler.secret_event,
+                on_listed=reconciler.secrets_listed,
+                page=SECRET_PAGE,
+            ),
+            MetaWatch(
+                api,
+                "configmaps",
+                namespaces,
+                reconciler.configmap_event,
+                label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+            ),
+        ]
 
     def _leadership_changed(self, leading: bool) -> None:
         if leading and self.reconciler is not None:

@@ -237,6 +237,13 @@ class Cluster:
             return None
         return RoutingTable.from_json(cm.data[TABLE_DATA_KEY])
 
+    def table_or_none(self, pool: str) -> RoutingTable | None:
+        """The table, or None while the ConfigMap is missing or holds no valid table."""
+        try:
+            return self.table(pool)
+        except ValueError:
+            return None
+
     def material(self, pool: str) -> dict[str, str] | None:
         sec = self.secret(f"{pool}-keys")
         if sec is None:

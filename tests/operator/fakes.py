@@ -11,7 +11,7 @@ import copy
 import itertools
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sideproxy.models import API_GROUP, API_VERSION
@@ -20,7 +20,6 @@ from sideproxy.operator._reconcile import Indices
 from sideproxy.operator._records import (
     KeyRecord,
     PoolRecord,
-    SecretMeta,
     key_secret_use,
     pool_secret_use,
 )
@@ -51,6 +50,8 @@ class FakeKube(KubeApi):
         self.calls: list[tuple[str, str]] = []
         self._rv = itertools.count(100)
         self.fail_next: dict[str, Exception] = {}
+        # What the operator's Secret metadata watch would tell: (namespace, name, rv or None).
+        self.secret_listeners: list[Callable[[str, str, str | None], object]] = []
 
     async def close(self) -> None:
         return None
@@ -63,6 +64,9 @@ class FakeKube(KubeApi):
         meta.setdefault("generation", 1)
         meta["resourceVersion"] = str(next(self._rv))
         self.objects[(plural, meta["namespace"], meta["name"])] = obj
+        if plural == "secrets":
+            for listener in self.secret_listeners:
+                listener(meta["namespace"], meta["name"], meta["resourceVersion"])
         return copy.deepcopy(obj)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -131,7 +135,6 @@ class FakeKube(KubeApi):
         key_refs: dict[Any, list[Any]] = defaultdict(list)
         pools: dict[Any, list[Any]] = defaultdict(list)
         pool_refs: dict[Any, list[Any]] = defaultdict(list)
-        secrets: dict[Any, list[Any]] = defaultdict(list)
         for (plural, ns, name), body in self.objects.items():
             if plural == "poolkeys":
                 record = KeyRecord.of(body)
@@ -144,14 +147,11 @@ class FakeKube(KubeApi):
                 use = pool_secret_use(body)
                 if use:
                     pool_refs[(ns, use[0])].append(use[1])
-            elif plural == "secrets":
-                secrets[(ns, name)].append(SecretMeta.of(body))
         return Indices(
             keys_by_pool=dict(keys),
             pools_by_name=dict(pools),
             key_refs_by_secret=dict(key_refs),
             pool_refs_by_secret=dict(pool_refs),
-            secret_meta=dict(secrets),
         )
 
 

@@ -51,12 +51,14 @@ def clock() -> Clock:
 
 
 def reconciler(fake: FakeKube, clock: Clock, **options: Any) -> Reconciler:
-    return Reconciler(
+    rec = Reconciler(
         fake,
         LiveIndices(fake),
         options=Options(**options),
         clock=clock,  # type: ignore[arg-type]
     )
+    fake.secret_listeners.append(rec.secrets.changed)  # as the Secret metadata watch would
+    return rec
 
 
 def table(fake: FakeKube, name: str = "p") -> RoutingTable:
@@ -375,16 +377,23 @@ async def test_secret_event_keeps_only_referenced_values(fake: FakeKube, clock: 
     rec = reconciler(fake, clock)
     poked: list[Any] = []
     rec.workers.poke = poked.append  # type: ignore[method-assign]
-    body = secret(NS, "groq", {"a": CANARIES[0], "b": CANARIES[1], "unused": "gsk_CANARY_x"})
-    body["metadata"]["resourceVersion"] = "7"
-    rec.secret_event(body, deleted=False)
+    await rec.reconcile((NS, "p"))
+    fake.put("secrets", secret(NS, "groq", {**{k: CANARIES[i] for i, k in enumerate("ab")},
+                                            "unused": "gsk_CANARY_x"}))  # fmt: skip
+    meta = fake.objects[("secrets", NS, "groq")]["metadata"]
+    rec.secret_event(meta, deleted=False)  # the watch: metadata only
     assert poked == [(NS, "p")]
+    await rec.reconcile((NS, "p"))
     assert set(rec.secrets._entries[(NS, "groq")].values) == {"a", "b"}  # not "unused"
-    unrelated = secret(NS, "other", {"x": "gsk_CANARY_y"})
-    rec.secret_event(unrelated, deleted=False)
+    fetches = rec.secrets.fetches
+    fake.put("secrets", secret(NS, "other", {"x": "gsk_CANARY_y"}))
+    rec.secret_event(fake.objects[("secrets", NS, "other")]["metadata"], deleted=False)
     assert poked == [(NS, "p")]
-    assert len(rec.secrets) == 1
+    assert rec.secrets.fetches == fetches  # an unrelated Secret is never read
+    assert len(rec.secrets) == 2  # groq and openai, the referenced ones
     assert "CANARY" not in repr(rec.secrets)
+    rec.secret_event(meta, deleted=False)  # the same version again: no news
+    assert poked == [(NS, "p")]
 
 
 async def test_key_material_over_the_limit_is_a_condition(fake: FakeKube, clock: Clock) -> None:
