@@ -1,12 +1,14 @@
 """The data plane: an aiohttp reverse proxy that spreads requests over a pool of API keys.
 
-Public surface (pinned by ``tests/proxy/test_public_api.py``)::
+Public surface (pinned by ``tests/proxy/test_ops.py``)::
 
     create_app(settings, source, *, on_transitions=None, pool=None, clock=time.time)
     ProxySettings                       process-level settings (host, port, limits, ...)
     serve(settings, source, ...)        run until SIGTERM with graceful shutdown
     running(app) -> url                 async context manager: serve in this event loop
-    sources: ConfigSource, Snapshot, Rejected, EnvSource, FileSource, StaticSource, QueueSource
+    sources: ConfigSource, Snapshot, Rejected, EnvSource, FileSource, StaticSource, QueueSource,
+             HealthPeer (a source that shares key health: cluster mode's
+             ``sideproxy.proxy.kube.KubeSource``, imported only in cluster mode)
     app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
     errors: ProxyError and error_response (the one OpenAI-shaped error helper)
 
@@ -23,15 +25,13 @@ from sideproxy.proxy.sources import (
     ConfigSource,
     EnvSource,
     FileSource,
+    HealthPeer,
     QueueSource,
     Rejected,
     Snapshot,
     SourceEvent,
-    SourceUnavailable,
     StaticSource,
-    cluster_source,
     load_file,
-    register_cluster_source,
 )
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "ConfigSource",
     "EnvSource",
     "FileSource",
+    "HealthPeer",
     "ProxyError",
     "ProxySettings",
     "QueueSource",
@@ -50,16 +51,13 @@ __all__ = [
     "Runtime",
     "Snapshot",
     "SourceEvent",
-    "SourceUnavailable",
     "StaticSource",
     "TransitionHook",
-    "cluster_source",
     "configure_logging",
     "create_app",
     "error_response",
     "load_file",
     "new_event_loop",
-    "register_cluster_source",
     "running",
     "serve",
 ]
