@@ -251,6 +251,8 @@ def from_manifests(
             continue
         kind = doc.get("kind")
         meta = doc.get("metadata") or {}
+        if not isinstance(meta, Mapping):
+            raise ManifestError(f"a {kind or 'document'}'s metadata is not a mapping")
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise ManifestError(f"a {kind or 'document'} has no metadata.name")
@@ -277,6 +279,9 @@ def from_manifests(
 
 
 def _secret_data(doc: Mapping[str, Any], where: str) -> dict[str, str]:
+    for field_name in ("data", "stringData"):
+        if not isinstance(doc.get(field_name) or {}, Mapping):
+            raise ManifestError(f"{where}: {field_name} is not a mapping")
     data: dict[str, str] = {}
     for key, value in (doc.get("data") or {}).items():
         try:

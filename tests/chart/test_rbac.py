@@ -62,7 +62,11 @@ def test_proxy_reads_two_named_objects_and_nothing_else(kube: KubeCluster, relea
     assert allowed("watch", f"secret/{POOL}-keys")
     assert allowed("get", f"configmap/{POOL}-routing")
     assert allowed("watch", f"configmap/{POOL}-routing")
-    assert allowed("create", "events")
+    # Health travels on ReplicaReports, which only this identity may write (issue 15.11).
+    for verb in ("create", "patch", "get", "list", "watch"):
+        assert allowed(verb, "replicareports.sideproxy.dev")
+    assert not allowed("delete", "replicareports.sideproxy.dev")
+    assert not allowed("create", "events")
     assert not allowed("get", "secret/unrelated")
     assert not allowed("list", "secrets")
     assert not allowed("watch", "secrets")

@@ -3,8 +3,9 @@
 No pytest here, so ``bench/cluster_propagation.py`` runs the same setup the tests do. Each
 replica is its own ``sideproxy serve --pool`` process whose kubeconfig holds a ServiceAccount
 token with exactly the chart's proxy Role (get/list/watch of ``<pool>-routing`` and
-``<pool>-keys`` by name, create Events); the operator runs as ``sideproxy operator`` with the
-admin kubeconfig. Key values here are canaries and never leave Secrets and process memory.
+``<pool>-keys`` by name; get/list/watch/create/patch of ReplicaReports); the operator runs as
+``sideproxy operator`` with the admin kubeconfig. Key values here are canaries and never leave
+Secrets and process memory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def install_crds(kube: KubeCluster) -> None:
     kube.kubectl("apply", "-f", str(ROOT / "crds"))
     kube.kubectl(
         "wait", "--for=condition=Established", "crd/creditpools.sideproxy.dev",
-        "crd/poolkeys.sideproxy.dev", "--timeout=60s",
+        "crd/poolkeys.sideproxy.dev", "crd/replicareports.sideproxy.dev", "--timeout=60s",
     )  # fmt: skip
 
 
@@ -116,7 +117,8 @@ class Loop:
                  "resourceNames": [f"{POOL}-routing"], "verbs": ["get", "list", "watch"]},
                 {"apiGroups": [""], "resources": ["secrets"],
                  "resourceNames": [f"{POOL}-keys"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+                {"apiGroups": [GROUP], "resources": ["replicareports"],
+                 "verbs": ["get", "list", "watch", "create", "patch"]},
             ],
         }  # fmt: skip
         binding = {
