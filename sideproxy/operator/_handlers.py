@@ -9,10 +9,8 @@ reconcile of each pool already sees all its keys. Secrets and our ConfigMaps are
 ``_watch.MetaWatch`` follows their metadata only (kopf would list every Secret value in scope),
 and a reconcile reads the few referenced Secrets by name.
 
-Proxy reports are core/v1 Events; kopf lists and watches only the unconsumed ones (the label
-selector ``_reports.REPORT_SELECTOR``, set server-side in ``_runner.kopf_settings``). A report
-that gets consumed leaves that selection, which the watch delivers as a DELETED event: every
-replica drops it from its book.
+Proxy health arrives as ReplicaReports (``sideproxy/wire.py``), indexed by pool; core/v1
+Events are never watched (anyone who may create Events could forge them).
 """
 
 from __future__ import annotations
@@ -27,11 +25,13 @@ from sideproxy.operator._records import (
     KeyRecord,
     PoolId,
     PoolRecord,
+    ReportRecord,
     SecretUse,
     key_secret_use,
     pool_secret_use,
+    report_pool,
 )
-from sideproxy.operator._reports import REPORT_LABEL
+from sideproxy.wire import PLURAL as REPORTS
 
 SecretId = tuple[str, str]
 
@@ -70,6 +70,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
                 pools_by_name=kwargs["pools_by_name"],
                 key_refs_by_secret=kwargs["key_refs_by_secret"],
                 pool_refs_by_secret=kwargs["pool_refs_by_secret"],
+                reports_by_pool=kwargs["reports_by_pool"],
             )
         )
 
@@ -110,6 +111,12 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         use = pool_secret_use(body)
         return {} if use is None else {(namespace or "", use[0]): use[1]}
 
+    @kopf.index(API_GROUP, API_VERSION, REPORTS, id="reports_by_pool", registry=registry)
+    async def reports_by_pool(
+        body: kopf.Body, namespace: str | None, **_: Any
+    ) -> dict[PoolId, ReportRecord]:
+        return {(namespace or "", report_pool(body)): ReportRecord.of(body)}
+
     # -- triggers -----------------------------------------------------------------------------
 
     @kopf.on.event(API_GROUP, API_VERSION, "poolkeys", id="poolkey_changed", registry=registry)
@@ -122,8 +129,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         if runtime.reconciler is not None:
             runtime.reconciler.pool_event(body, _deleted(event))
 
-    @kopf.on.event("v1", "events", id="report", labels={REPORT_LABEL: "true"}, registry=registry)
-    async def report(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    @kopf.on.event(API_GROUP, API_VERSION, REPORTS, id="report_changed", registry=registry)
+    async def report_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         if runtime.reconciler is not None:
             runtime.reconciler.report_event(body, _deleted(event))
 

@@ -10,6 +10,7 @@ reason and the API server's message, which for our calls names objects and field
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -190,13 +191,38 @@ class KubeApi:
         return await self._write(f"{kind}/create", "POST", path, body)
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, patch: Body, *, group: str, version: str
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        patch: Body,
+        *,
+        group: str,
+        version: str,
+        resource_version: str | None = None,
     ) -> Body:
-        """JSON merge patch on the status subresource."""
+        """JSON merge patch on the status subresource. With ``resource_version`` it applies only
+        to exactly that version of the object (else ``Conflict``): a patch computed from what we
+        read can never land on a state we did not see."""
         path = _path(plural, namespace, name, group=group, version=version, sub="status")
-        return await self._write(
-            f"{plural}/status", "PATCH", path, {"status": patch}, content_type=_MERGE_PATCH
-        )
+        body: Body = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self._write(f"{plural}/status", "PATCH", path, body, content_type=_MERGE_PATCH)
+
+    async def get_custom(
+        self, plural: str, namespace: str, name: str, *, group: str, version: str
+    ) -> Body | None:
+        return await self._get(_path(plural, namespace, name, group=group, version=version))
+
+    async def delete_custom(
+        self, plural: str, namespace: str, name: str, uid: str, *, group: str, version: str
+    ) -> None:
+        """Delete exactly the object with this uid (a newer one of the same name stays)."""
+        path = _path(plural, namespace, name, group=group, version=version)
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}}
+        with contextlib.suppress(NotFound):
+            await self._write(f"{plural}/delete", "DELETE", path, body)
 
     async def post_event(
         self,
@@ -237,11 +263,6 @@ class KubeApi:
                 involved["name"],
                 describe(exc),
             )
-
-    async def patch_event(self, namespace: str, name: str, patch: Body) -> Body:
-        """JSON merge patch of a core/v1 Event (marking a proxy report consumed)."""
-        path = _path("events", namespace, name)
-        return await self._write("events/patch", "PATCH", path, patch, content_type=_MERGE_PATCH)
 
     # -- leases -----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ def crds(kube: KubeCluster) -> None:
         "--for=condition=Established",
         "crd/creditpools.sideproxy.dev",
         "crd/poolkeys.sideproxy.dev",
+        "crd/replicareports.sideproxy.dev",
         "--timeout=60s",
     )
 
