@@ -204,6 +204,7 @@ def test_three_keys_make_configmap_secret_and_status(cluster: Cluster, operator:
         "TIER": "0",
         "WEIGHT": "3",
         "STATE": "Ready",
+        "COOLING": "",
         "COOLDOWN-UNTIL": "",
         "COOLING": "",
         "429S": "0",
