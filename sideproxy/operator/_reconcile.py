@@ -366,7 +366,8 @@ class Reconciler:
                 len(keys),
                 "wrote " + ", ".join(wrote) if wrote else "in sync",
             )
-        deadlines = [k.cooldown_until for k in translation.table.keys if k.cooldown_until]
+        # The status's cool-downs expire by themselves (the table carries no health).
+        deadlines = [v.cooldown_until for v in verdicts.values() if v.cooldown_until]
         return Outcome(deadline=min(deadlines) if deadlines else None)
 
     async def _translate(
