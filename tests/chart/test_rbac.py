@@ -122,6 +122,9 @@ def test_operator_is_confined_to_what_it_manages(kube: KubeCluster, release: str
     assert allowed("create", "secrets")
     assert allowed("update", "configmaps")
     assert allowed("create", "events")
+    assert not allowed("list", "events")  # health comes from ReplicaReports, never Events
+    assert allowed("watch", "replicareports.sideproxy.dev")
+    assert not allowed("create", "replicareports.sideproxy.dev")  # only the proxies write them
     assert allowed("get", "leases.coordination.k8s.io/rel-operator")
     assert allowed("update", "leases.coordination.k8s.io/rel-operator")
     assert allowed("create", "leases.coordination.k8s.io")

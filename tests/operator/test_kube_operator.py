@@ -203,6 +203,7 @@ def test_three_keys_make_configmap_secret_and_status(cluster: Cluster, operator:
         "WEIGHT": "3",
         "STATE": "Ready",
         "COOLDOWN-UNTIL": "",
+        "COOLING": "",
         "429S": "0",
         "AGE": keys["k-a"]["AGE"],
     }
