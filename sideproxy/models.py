@@ -624,8 +624,9 @@ class TableKey(_Model):
     fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
     quota_scope: str | None = None
     models: list[str] = Field(default_factory=list)
+    # Deprecated, always "ready" / unset: health travels on ReplicaReports (sideproxy.wire), not
+    # in the table, and proxies ignore these. Kept only until the operator stops reading them.
     state: KeyState = KeyState.READY
-    # Unix time. A proxy keeps the key out of rotation until then (it may know a later deadline).
     cooldown_until: float | None = None
 
 

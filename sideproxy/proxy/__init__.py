@@ -14,7 +14,7 @@ against what the rest of the repository imports)::
     sources: ConfigSource, Snapshot, SourceEvent, Rejected, EnvSource, FileSource,
              StaticSource, QueueSource, load_file,
              HealthPeer (a source that shares key health: cluster mode's
-             ``sideproxy.proxy.kube.KubeSource``, imported only in cluster mode)
+             ``sideproxy.proxy.kube.KubeSource``, loaded only in cluster mode)
     app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
     errors: ProxyError and error_response (the one OpenAI-shaped error helper)
 

@@ -21,9 +21,8 @@ from sideproxy.wire import Cooling, KeyCounts, KeyReport, ReplicaReportSpec
 
 __all__ = ["Ledger", "Peers", "apply_entries"]
 
-# Transition reasons that end a key's trouble (a successful probe or half-open request).
+# The transition reason that ends a key's trouble (a successful probe or half-open request).
 _RECOVERED = "Recovered"
-_EXHAUSTED = "exhausted"  # KeyHealth.EXHAUSTED's value (issue 11), when the pool has it
 
 
 @dataclass(slots=True)
@@ -66,10 +65,8 @@ class Ledger:
 
     def __init__(self) -> None:
         self._seen: dict[str, _Seen] = {}
-        self._requests: dict[str, _Counter] = {}
-        self._rate_limited: dict[str, _Counter] = {}
-        self._exhausted: dict[str, int] = {}
-        self._unauthorized: dict[str, int] = {}
+        # name -> (requests, rateLimited, exhausted, unauthorized), each cumulative
+        self._counters: dict[str, tuple[_Counter, _Counter, _Counter, _Counter]] = {}
 
     def record(self, transitions: Iterable[Transition]) -> bool:
         """Take in the pool's transitions; True when the report should be written now."""
@@ -85,18 +82,20 @@ class Ledger:
         until = change.until
         health = change.health
         if health is KeyHealth.COOLING and until is not None:
-            model = getattr(change, "model", None) or ""
+            model = change.model or ""
             if seen.cooling.get(model, 0.0) >= until:
                 return False
             seen.cooling[model] = until
         elif health is KeyHealth.OPEN and until is not None:
             seen.breaker_until = until
         elif health is KeyHealth.REVOKED:
+            if seen.revoked:
+                return False  # a failed probe of a revoked key: nothing new
             seen.revoked = True
-            self._unauthorized[change.name] = self._unauthorized.get(change.name, 0) + 1
-        elif health.value == _EXHAUSTED:
+        elif health is KeyHealth.EXHAUSTED:
+            if until is None or (seen.exhausted_until or 0.0) >= until:
+                return False
             seen.exhausted_until = until
-            self._exhausted[change.name] = self._exhausted.get(change.name, 0) + 1
         elif change.reason == _RECOVERED:
             seen.breaker_until = seen.exhausted_until = None
             seen.revoked = False
@@ -115,14 +114,7 @@ class Ledger:
                 seen = None  # about a value the pool no longer holds
             if seen is not None:
                 seen.prune(heartbeat)
-            counts = KeyCounts(
-                requests=self._requests.setdefault(status.name, _Counter()).total(status.requests),
-                rate_limited=self._rate_limited.setdefault(status.name, _Counter()).total(
-                    status.rate_limited
-                ),
-                exhausted=self._exhausted.get(status.name, 0),
-                unauthorized=self._unauthorized.get(status.name, 0),
-            )
+            counts = self._counts(status)
             if (seen is None or not seen.live()) and counts == KeyCounts():
                 continue
             entries.append(_entry(status.name, status.fingerprint, seen, counts))
@@ -132,6 +124,23 @@ class Ledger:
             heartbeat=heartbeat,
             keys_reported=len(entries),
             keys=entries,
+        )
+
+    def _counts(self, status: KeyStatus) -> KeyCounts:
+        counters = self._counters.get(status.name)
+        if counters is None:
+            counters = self._counters[status.name] = (
+                _Counter(),
+                _Counter(),
+                _Counter(),
+                _Counter(),
+            )
+        requests, limited, exhausted, unauthorized = counters
+        return KeyCounts(
+            requests=requests.total(status.requests),
+            rate_limited=limited.total(status.rate_limited),
+            exhausted=exhausted.total(status.exhausted),
+            unauthorized=unauthorized.total(status.unauthorized),
         )
 
 
@@ -203,10 +212,14 @@ def apply_entries(
         if entry.revoked:
             changed += pool.revoke(name, now)
             continue
-        deadlines = [c.until for c in entry.cooling]
-        # Until the pool knows models and exhaustion (issue 11), each is a key-wide cool-down.
-        deadlines += [d for d in (entry.exhausted_until, entry.breaker_open_until) if d]
-        for until in deadlines:
-            if until > now:
-                changed += pool.impose_cooldown(name, until, now)
+        if entry.exhausted_until is not None and entry.exhausted_until > now:
+            changed += pool.exhaust(name, entry.exhausted_until, now)
+        for cooling in entry.cooling:
+            if cooling.until > now:
+                changed += pool.impose_cooldown(
+                    name, cooling.until, now, model=cooling.model or None
+                )
+        # Another replica's breaker: this one rests the key as long (a key-wide cool-down).
+        if entry.breaker_open_until is not None and entry.breaker_open_until > now:
+            changed += pool.impose_cooldown(name, entry.breaker_open_until, now)
     return changed

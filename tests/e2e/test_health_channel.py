@@ -152,6 +152,7 @@ def _old_style_event(namespace: str, key: str, fp: str, until: float) -> dict[st
 def test_an_identity_outside_the_proxy_grant_cannot_change_health(loop: Loop) -> None:
     a, b = loop.proxies["a"], loop.proxies["b"]
     fp1 = loop.fp("key-1")
+    status_before = loop.key_status("key-1")
     forger = _forger_kubeconfig(loop)
     until = float(a.status()["now"]) + 600
 
@@ -197,8 +198,7 @@ def test_an_identity_outside_the_proxy_grant_cannot_change_health(loop: Loop) ->
     )
 
     # Nothing changed: key-1 serves on every replica. A replica started now (it lists every
-    # report) does not learn anything either. (PoolKey.status: the operator's side, which no
-    # longer reads report Events, is asserted in the operator's tests.)
+    # report) does not learn anything either.
     (c,) = loop.start_proxies(["c"], proxy_identity)
     c.wait_ready(timeout=60)
     for proxy in (a, b, c):
@@ -206,3 +206,16 @@ def test_an_identity_outside_the_proxy_grant_cannot_change_health(loop: Loop) ->
     outcomes = burst(b.port, 12, concurrency=2)
     assert not failures(outcomes)
     assert fp1 in {o.served_by for o in outcomes}
+
+    # The operator refuses the liar too, in the report's own status, and PoolKey.status is
+    # what it was.
+    def refusal() -> Any:
+        liar = reports(loop).get("q-liar") or {}
+        conditions = (liar.get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "Accepted"), None)
+
+    condition = wait_until(refusal, 30, "the operator's verdict on q-liar")
+    assert (condition["status"], condition["reason"]) == ("False", "PoolMismatch")
+    after = loop.key_status("key-1")
+    for field in ("phase", "cooldownUntil", "rateLimitedCount"):
+        assert after.get(field) == status_before.get(field), field

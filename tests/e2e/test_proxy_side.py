@@ -6,7 +6,7 @@ still carries the old ``state``/``cooldown_until`` fields changes nothing)."""
 from __future__ import annotations
 
 from sideproxy.models import KeyState, Provider, RoutingTable, TableKey, TableSettings, fingerprint
-from sideproxy.pool import KeyConfig, KeyHealth, ManagedCreditPool, Outcome, Transition
+from sideproxy.pool import Key, KeyConfig, KeyHealth, ManagedCreditPool, Outcome, Transition
 from sideproxy.proxy import POOL, RUNTIME, ProxySettings, Snapshot, create_app
 from sideproxy.proxy._ledger import Ledger, Peers, apply_entries
 from sideproxy.wire import Cooling, KeyCounts, KeyReport, ReplicaReportSpec
@@ -61,21 +61,57 @@ def test_the_report_says_what_this_replica_saw_and_only_news_asks_for_a_write() 
     assert V1 not in spec.model_dump_json()
 
 
-def test_revocation_breaker_and_recovery_travel_and_deadlines_expire() -> None:
-    ledger = Ledger()
-    pool = pool_of(V1, V2)
-    assert ledger.record([Transition("key-2", FP2, KeyHealth.REVOKED, None, "Unauthorized")])
-    assert ledger.record([Transition("key-1", FP1, KeyHealth.OPEN, NOW + 10, "CircuitOpen")])
+def take(pool: ManagedCreditPool, name: str, model: str | None = None) -> Key:
+    """Acquire until ``name`` comes up (others are released OK)."""
+    while (key := pool.acquire("custom", NOW, model=model)) is not None and key.name != name:
+        pool.release(key, Outcome.OK, NOW, model=model)
+    assert key is not None
+    return key
+
+
+def test_a_per_model_429_is_reported_for_that_model_and_cools_only_it_elsewhere() -> None:
+    ledger, here, there = Ledger(), pool_of(V1, V2), pool_of(V1, V2)
+    key = take(here, "key-1", "big")
+    changes = here.release(key, Outcome.RATE_LIMITED, NOW, {"retry-after": "30"}, model="big")
+    assert ledger.record(changes)
+    (entry,) = ledger.spec("p", "a", NOW, here.statuses(NOW)).keys
+    assert entry.cooling == [Cooling(model="big", until=NOW + 30)]
+    assert entry.counts.rate_limited == 1
+    # The other replica: key-1 rests for "big" only; "small" still goes to it.
+    assert apply_entries(there, [entry], {"key-1": FP1, "key-2": FP2}, NOW) == 1
+    picks_big = {there.acquire("custom", NOW, model="big").name for _ in range(4)}  # type: ignore[union-attr]
+    picks_small = {there.acquire("custom", NOW, model="small").name for _ in range(4)}  # type: ignore[union-attr]
+    assert picks_big == {"key-2"}
+    assert picks_small == {"key-1", "key-2"}
+
+
+def test_revocation_exhaustion_breaker_and_recovery_travel_and_deadlines_expire() -> None:
+    ledger, pool = Ledger(), pool_of(V1, V2)
+    assert ledger.record(here := pool.release(take(pool, "key-2"), Outcome.UNAUTHORIZED, NOW))
+    assert here[0].health is KeyHealth.REVOKED
+    exhausted = pool.release(take(pool, "key-1"), Outcome.EXHAUSTED, NOW)
+    assert ledger.record(exhausted)
     spec = ledger.spec("p", "a", NOW, pool.statuses(NOW))
     entries = {e.name: e for e in spec.keys}
     assert entries["key-2"].revoked
     assert entries["key-2"].counts.unauthorized == 1
-    assert entries["key-1"].breaker_open_until == NOW + 10
-    # Past its deadline a breaker entry says nothing more (the key is probed, not reported).
-    spec = ledger.spec("p", "a", NOW + 11, pool.statuses(NOW + 11))
-    assert {e.name for e in spec.keys} == {"key-2"}
+    assert entries["key-1"].exhausted_until == exhausted[0].until
+    assert entries["key-1"].counts.exhausted == 1
+    # Applied elsewhere: the same key-wide states.
+    there = pool_of(V1, V2)
+    assert apply_entries(there, spec.keys, {"key-1": FP1, "key-2": FP2}, NOW) == 2
+    assert health(there, "key-2", NOW)[0] == "revoked"
+    assert health(there, "key-1", NOW)[0] == "exhausted"
+    # A breaker deadline travels as a key-wide rest and says nothing once it is over.
+    assert ledger.record([Transition("key-1", FP1, KeyHealth.OPEN, NOW + 10, "CircuitOpen")])
+    assert next(e for e in ledger.spec("p", "a", NOW, pool.statuses(NOW)).keys
+                if e.name == "key-1").breaker_open_until == NOW + 10  # fmt: skip
+    later = NOW + 11
+    assert next(e for e in ledger.spec("p", "a", later, pool.statuses(later)).keys
+                if e.name == "key-1").breaker_open_until is None  # fmt: skip
+    # A successful probe of the revoked key: the report stops saying so.
     assert ledger.record([Transition("key-2", FP2, KeyHealth.READY, None, "Recovered")])
-    spec = ledger.spec("p", "a", NOW + 11, pool.statuses(NOW + 11))
+    spec = ledger.spec("p", "a", later, pool.statuses(later))
     assert not next(e for e in spec.keys if e.name == "key-2").revoked
 
 
