@@ -206,7 +206,6 @@ def test_three_keys_make_configmap_secret_and_status(cluster: Cluster, operator:
         "STATE": "Ready",
         "COOLING": "",
         "COOLDOWN-UNTIL": "",
-        "COOLING": "",
         "429S": "0",
         "AGE": keys["k-a"]["AGE"],
     }

@@ -12,7 +12,6 @@ import yaml
 
 from sideproxy.fake_provider import FakeProvider
 from sideproxy.models import Provider
-from sideproxy.pool import KeyHealth
 from sideproxy.proxy import (
     EnvSource,
     FileSource,
