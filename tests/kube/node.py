@@ -403,6 +403,10 @@ class PodCluster(KubeCluster):
         _sh("ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge")
         _sh("ip", "-n", ns, "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
         _sh("ip", "-n", ns, "link", "set", BRIDGE, "up")
+        # Clients on the node (the tests) reach ClusterIPs: the route lookup happens before
+        # kube-proxy's DNAT, and without a route to the Service range it fails with
+        # ENETUNREACH. The range stays on the bridge: still no route out of the namespace.
+        _sh("ip", "-n", ns, "route", "add", SERVICE_CIDR, "dev", BRIDGE, "src", NODE_IP)
 
     def _node_process(self, name: str, argv: list[str], *, wrap: bool = True) -> _Process:
         proc = _Process(name, self.nsenter(argv) if wrap else argv,
