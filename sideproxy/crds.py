@@ -368,7 +368,8 @@ POOL_KEY = CrdInfo(
     status=PoolKeyStatus,
     description=(
         "A PoolKey is one provider API key in a CreditPool. The value stays in the Secret it "
-        "names; status shows the key's health (Ready, CoolingDown, Revoked, Invalid, Disabled)."
+        "names; status shows the key's health (Ready, CoolingDown, Exhausted, Revoked, Invalid, "
+        "Disabled) and the models it is cooling for."
     ),
     spec_description="Which pool, provider, tier and weight; where the key value lives.",
     status_description="Written by the operator from the Secret and from proxy reports.",
@@ -377,8 +378,26 @@ POOL_KEY = CrdInfo(
         _column("Provider", ".spec.provider"),
         _column("Tier", ".spec.tier", "integer"),
         _column("Weight", ".spec.weight", "integer"),
-        _column("State", ".status.phase", description="Ready, CoolingDown, Revoked, Invalid."),
-        _column("Cooldown-Until", ".status.cooldownUntil", description="End of the cool-down."),
+        _column(
+            "State",
+            ".status.phase",
+            description="Ready, CoolingDown (every model), Exhausted, Revoked, Invalid.",
+        ),
+        _column(
+            "Cooling",
+            ".status.cooling",
+            description="'all models', or the models this key is cooling for now.",
+        ),
+        _column(
+            "Cooldown-Until", ".status.cooldownUntil", description="End of a key-wide cool-down."
+        ),
+        _column(
+            "Exhausted-Until",
+            ".status.exhaustedUntil",
+            description="While Exhausted: the next token-free probe.",
+            priority=1,
+        ),
+        _column("Models", ".spec.models", description="Models the key may serve.", priority=1),
         _column("429s", ".status.rateLimitedCount", "integer", "429s reported by proxies."),
         _column("Fingerprint", ".status.fingerprint", priority=1),
         _AGE,

@@ -41,8 +41,9 @@ Any dict form also takes ``"delay"`` (seconds before headers). A status fault al
 ``"headers"`` (sent with the error, e.g. ``{"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}``;
 a 429 fault with neither ``retry_after`` nor ``headers`` carries no rate-limit header at all) and
 ``"code"`` (the error's ``code``; Anthropic: its ``type``) and ``"echo": true`` (the message
-quotes the presented key in full, as a careless provider might in any error). Faults do not
-count against the rate limit; a ``delay`` fault's request does.
+quotes the presented key in full, as a careless provider might in any error) and ``"sse": true``
+(the error goes out as one ``text/event-stream`` frame, as some providers send stream errors).
+Faults do not count against the rate limit; a ``delay`` fault's request does.
 
 Auth errors: ``echo_keys="masked"`` makes a 401 for an unknown or revoked key quote the presented
 key the way OpenAI does (``Incorrect API key provided: sk-abc***...***wxyz``), ``"full"`` quotes
@@ -145,6 +146,7 @@ class Fault:
     headers: tuple[tuple[str, str], ...] = ()  # for a status fault: extra response headers
     code: str | None = None  # for a status fault: the error's code (Anthropic: its type)
     echo: bool = False  # for a status fault: quote the presented key (in full) in the message
+    sse: bool = False  # for a status fault: send the error as one text/event-stream frame
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
@@ -654,13 +656,10 @@ class FakeProvider:
                 message = f"fake fault: status {fault.status}"
                 if fault.echo:
                     message += f" for API key {state.value}"
-                return self._error(
-                    anthropic,
-                    fault.status,
-                    message,
-                    call.headers,
-                    code=fault.code,
+                answer = self._error(
+                    anthropic, fault.status, message, call.headers, code=fault.code
                 )
+                return _as_sse(answer) if fault.sse else answer
             if fault.action == "hang":
                 await asyncio.sleep(3600)
                 return self._error(anthropic, 504, "fake fault: hang ended")
@@ -954,6 +953,18 @@ class FakeProvider:
         if call.fault is not None and call.fault.action in ("reset", "stop_early", "error_frame"):
             call.fault = Fault(call.fault.action, after=call.fault.after + 1)
         return await self._sse(request, call, frames, final, error)
+
+
+def _as_sse(answer: web.Response) -> web.Response:
+    """An error answer as some providers stream it: one ``data:`` frame of the JSON body."""
+    assert isinstance(answer.body, bytes)
+    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-type"}
+    return web.Response(
+        status=answer.status,
+        body=b"data: " + answer.body + b"\n\n",
+        content_type="text/event-stream",
+        headers=headers,
+    )
 
 
 def _reset(request: web.Request) -> None:

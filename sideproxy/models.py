@@ -27,6 +27,12 @@ TABLE_DATA_KEY = "table.json"
 VIRTUAL_KEYS_DATA_KEY = "virtual-keys"
 # Label on everything the operator writes for a pool; its value is the CreditPool's name.
 POOL_LABEL = "sideproxy.dev/pool"
+# A model name or a glob of one (``*`` only) in PoolKey.spec.models: provider model ids such as
+# "meta-llama/llama-4-scout-17b-16e-instruct", "llama3.1:8b", "gpt-4o-2024-08-06", "gpt-4o*".
+MODEL_PATTERN = r"^[A-Za-z0-9._:/@+*-]{1,256}$"
+MAX_KEY_MODELS = 64
+# PoolKey.status.coolingModels lists at most this many models; the rest are counted.
+COOLING_MODELS_SHOWN = 5
 
 
 def routing_configmap_name(pool: str) -> str:
@@ -70,11 +76,17 @@ DEFAULT_BASE_URLS: dict[Provider, str] = {
 class KeyPhase(StrEnum):
     """What ``kubectl get poolkeys`` shows in the STATE column."""
 
-    READY = "Ready"
-    COOLING_DOWN = "CoolingDown"
+    READY = "Ready"  # in rotation (it may still be cooling for some models: coolingModels)
+    COOLING_DOWN = "CoolingDown"  # rate-limited for every model
+    EXHAUSTED = "Exhausted"  # out of quota / billing: out for every model until a probe passes
     REVOKED = "Revoked"
     INVALID = "Invalid"
     DISABLED = "Disabled"
+
+
+class CooldownScope(StrEnum):
+    MODEL = "model"
+    KEY = "key"
 
 
 class Strategy(StrEnum):
@@ -161,6 +173,51 @@ class CooldownPolicy(_Model):
             description="Upper bound on any cool-down, whatever the provider's headers say.",
         ),
     ]
+    scope: Annotated[
+        CooldownScope,
+        Field(
+            default=CooldownScope.MODEL,
+            description="What a 429 about a model cools: 'model' (only that key and model; the "
+            "key keeps serving other models) or 'key' (the key, for every model: for providers "
+            "whose limits are per organisation rather than per model).",
+        ),
+    ]
+
+
+class QuotaPolicy(_Model):
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "self.maxBackoffSeconds >= self.backoffSeconds",
+            "message": "quota.maxBackoffSeconds must be at least quota.backoffSeconds",
+        }
+    ]
+
+    backoff_seconds: Annotated[
+        float,
+        Field(
+            default=300.0,
+            ge=1,
+            le=86400,
+            description="How long an exhausted key (out of quota, billing, daily limit) waits "
+            "before its first token-free probe (GET <baseURL>/models). Doubles on each failed "
+            "probe.",
+        ),
+    ]
+    max_backoff_seconds: Annotated[
+        float,
+        Field(
+            default=21600.0,
+            ge=1,
+            le=604800,
+            description="Cap on the doubled back-off; a revoked key (401) is probed this often.",
+        ),
+    ]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QuotaPolicy:
+        if self.max_backoff_seconds < self.backoff_seconds:
+            raise ValueError("quota.maxBackoffSeconds must be at least quota.backoffSeconds")
+        return self
 
 
 class RetryPolicy(_Model):
@@ -302,6 +359,13 @@ class CreditPoolSpec(_Model):
         CooldownPolicy,
         Field(default_factory=CooldownPolicy, description="How long a rate-limited key rests."),
     ]
+    quota: Annotated[
+        QuotaPolicy,
+        Field(
+            default_factory=QuotaPolicy,
+            description="How long an exhausted (out of quota) key stays out.",
+        ),
+    ]
     retry: Annotated[
         RetryPolicy,
         Field(default_factory=RetryPolicy, description="Retry budget on 429, 5xx and errors."),
@@ -379,6 +443,16 @@ class PoolKeySpec(_Model):
             "and cool down together.",
         ),
     ]
+    models: Annotated[
+        list[Annotated[str, Field(pattern=MODEL_PATTERN, max_length=256)]],
+        Field(
+            default_factory=list,
+            max_length=MAX_KEY_MODELS,
+            description="Models this key may serve: exact names and '*' globs (e.g. "
+            "'llama-3.1-8b-instant', 'gpt-4o*'). Empty: every model. A request for a model no "
+            "key of the pool serves gets 404 model_not_found without an upstream attempt.",
+        ),
+    ]
     disabled: Annotated[bool, Field(default=False, description="Take the key out of rotation.")]
 
 
@@ -403,14 +477,55 @@ _CONDITIONS_FIELD: Any = Field(
 )
 
 
+class ModelCooldown(_Model):
+    model: Annotated[str, Field(description="The model this key is cooling for.")]
+    until: Annotated[str, Field(description="End of that cool-down (RFC 3339).")]
+
+
 class PoolKeyStatus(_Model):
     phase: Annotated[
         KeyPhase | None,
-        Field(default=None, description="Ready, CoolingDown, Revoked, Invalid or Disabled."),
+        Field(
+            default=None,
+            description="Ready, CoolingDown (every model), Exhausted, Revoked, Invalid or "
+            "Disabled.",
+        ),
     ]
     cooldown_until: Annotated[
         str | None,
-        Field(default=None, description="End of the current cool-down (RFC 3339)."),
+        Field(default=None, description="End of the current key-wide cool-down (RFC 3339)."),
+    ]
+    cooling_models: Annotated[
+        list[ModelCooldown],
+        Field(
+            default_factory=list,
+            max_length=COOLING_MODELS_SHOWN,
+            description=f"Models this key is cooling for now (at most {COOLING_MODELS_SHOWN}, "
+            "earliest deadline first; coolingMoreModels counts the rest).",
+        ),
+    ]
+    cooling_more_models: Annotated[
+        int,
+        Field(default=0, ge=0, description="Models cooling beyond those in coolingModels."),
+    ]
+    cooling: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="What the key is cooling for, for the printer column: 'all models', "
+            "or the models ('big, small and 3 more').",
+        ),
+    ]
+    exhausted_until: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="While Exhausted: when the next token-free probe is due (RFC 3339).",
+        ),
+    ]
+    exhausted_count: Annotated[
+        int,
+        Field(default=0, ge=0, description="Out-of-quota answers reported since creation."),
     ]
     last_rate_limited: Annotated[
         str | None,
@@ -474,6 +589,7 @@ class TableKey(_Model):
     weight: int = Field(ge=0, le=1000)
     fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
     quota_scope: str | None = None
+    models: list[str] = Field(default_factory=list)
     state: KeyState = KeyState.READY
     # Unix time. A proxy keeps the key out of rotation until then (it may know a later deadline).
     cooldown_until: float | None = None
@@ -484,6 +600,7 @@ class TableSettings(_Model):
     base_urls: dict[Provider, str] = Field(default_factory=dict)
     strategy: Strategy = Strategy.WEIGHTED
     cooldown: CooldownPolicy = Field(default_factory=CooldownPolicy)
+    quota: QuotaPolicy = Field(default_factory=QuotaPolicy)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
@@ -529,6 +646,16 @@ class RoutingTable(_Model):
         if len(names) != len(set(names)):
             raise ValueError("routing table names a key twice")
         return table
+
+
+def cooling_summary(models: list[str], more: int, key_wide: bool) -> str | None:
+    """The printer column: 'all models' for a key-wide cool-down, else the models cooling."""
+    if key_wide:
+        return "all models"
+    if not models:
+        return None
+    text = ", ".join(models)
+    return f"{text} and {more} more" if more else text
 
 
 def fingerprint(secret: str) -> str:

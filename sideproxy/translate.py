@@ -142,6 +142,7 @@ def translate(
                 weight=key.spec.weight,
                 fingerprint=print_,
                 quota_scope=key.spec.quota_scope,
+                models=key.spec.models,
                 state=state,
                 cooldown_until=until,
             )
@@ -163,6 +164,7 @@ def translate(
             base_urls={endpoint.name: endpoint.url for endpoint in spec.providers},
             strategy=spec.strategy,
             cooldown=spec.cooldown,
+            quota=spec.quota,
             retry=spec.retry,
             timeouts=spec.timeouts,
             breaker=spec.breaker,

@@ -160,11 +160,14 @@ def test_names_columns_and_subresources() -> None:
         "Tier",
         "Weight",
         "State",
+        "Cooling",
         "Cooldown-Until",
         "429s",
         "Age",
     ]
     assert key_columns["State"]["jsonPath"] == ".status.phase"
+    # A key cooling for one model ("big") reads apart from one out for all ("all models").
+    assert key_columns["Cooling"]["jsonPath"] == ".status.cooling"
     assert key_columns["429s"]["jsonPath"] == ".status.rateLimitedCount"
     assert key_columns["Message"]["priority"] == 1
     pool_columns = [

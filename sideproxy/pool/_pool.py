@@ -1,15 +1,25 @@
 """The ManagedCreditPool: which key serves the next request, and what each answer teaches us.
 
 Selection is stride scheduling (earliest virtual finish time), the heap form of smooth weighted
-round-robin: key *i* is due at virtual times ``base_i + (n + 1/2) / weight_i`` (bases staggered
-across the tier); the pool always serves the key due first. Over any ``sum(weights)``
-consecutive picks each key gets its weight within ±1, equal weights degrade to plain
-round-robin, and a pick costs O(log n) heap operations in C: flat in practice from 10 to 10,000
-keys.
+round-robin: a key is due again one stride (``1 / weight``) after its last pick; the pool always
+serves the key due first. Over any ``sum(weights)`` consecutive picks each key gets its weight
+within ±1, equal weights degrade to plain round-robin, and a pick costs O(log n) heap
+operations in C.
 
-Unavailable keys are not skipped at pick time: a state change bumps the key's ``token``, which
-turns its heap entries stale (dropped lazily when they surface), and schedules a timer for its
-recovery. Timers are checked with one heap peek per pick.
+Every model has its own schedule (a *lane*: tiers of heaps over the keys that may serve it,
+built on the model's first request and kept until the key set changes), so the ±1 holds per
+model however requests for different models interleave, and a pick never looks at other models.
+Requests without a model use the lane ``None``.
+
+Unavailable keys are not skipped at pick time: a state change bumps a token (the key's for
+key-wide state, the (key, model)'s for a model's cool-down or headroom), which turns the old
+heap entries stale (dropped lazily when they surface), and schedules a timer for the recovery.
+Timers are checked with one heap peek per pick. So a pick costs the same whatever the number
+of keys, of models in play, or of models a key is cooling for.
+
+``configure`` keeps the schedule: an unchanged key keeps its place in every lane, a key whose
+weight changed keeps the same fraction of its stride still to run, and a new key joins at its
+tier's current virtual time.
 """
 
 from __future__ import annotations
@@ -17,135 +27,43 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum, StrEnum
-from typing import TYPE_CHECKING
 
-from sideproxy.models import fingerprint as _fingerprint
-from sideproxy.pool._headers import headroom_exhausted_until, retry_delay
+from sideproxy.pool._headers import headroom_exhausted_until
+from sideproxy.pool._models import Matcher, compile_patterns, serves
+from sideproxy.pool._types import (
+    KeyConfig,
+    KeyHealth,
+    KeyStatus,
+    LimitScope,
+    Outcome,
+    PoolPolicy,
+    Transition,
+)
 
-if TYPE_CHECKING:
-    from sideproxy.models import TableSettings
+# Rotation heap entries: (due, order, token, model token, key). ``order`` is the key's config
+# position, so ties break the same way every time (that is what makes equal weights exact
+# round-robin). Timer entries have the same shape with the deadline first.
+_Entry = tuple[float, int, int, int, "Key"]
 
-# Heap entries: (due, order, token, key). ``order`` is the key's config position, so ties break
-# the same way every time (that is what makes equal weights exact round-robin).
-_Entry = tuple[float, int, int, "Key"]
-
-
-class KeyHealth(StrEnum):
-    READY = "ready"
-    LOW_HEADROOM = "low-headroom"  # usable, but only when no key of its tier has headroom
-    COOLING = "cooling"  # rate-limited until ``until``
-    OPEN = "open"  # breaker open until ``until``
-    HALF_OPEN = "half-open"  # one probe request allowed
-    REVOKED = "revoked"  # 401 (or a 403 that says the key is bad): out until reconfigured
-
-
-_IN_ROTATION = frozenset({KeyHealth.READY, KeyHealth.HALF_OPEN})
-
-
-class Outcome(Enum):
-    OK = "ok"  # any answer that says nothing bad about the key (2xx, 4xx other than below)
-    RATE_LIMITED = "rate_limited"
-    UNAUTHORIZED = "unauthorized"
-    SERVER_ERROR = "server_error"
-    CONNECT_ERROR = "connect_error"
-    TIMEOUT = "timeout"
-    # A 403 that another key did not repeat for the same request: about this key, but maybe only
-    # about what it may do (a model, a region), so it counts toward the breaker, never revokes.
-    # ``from_status`` never returns it: only the caller can tell, by trying another key.
-    FORBIDDEN = "forbidden"
-    CANCELLED = "cancelled"  # the client went away; nothing learnt
-
-    @classmethod
-    def from_status(cls, status: int) -> Outcome:
-        if status == 429:
-            return cls.RATE_LIMITED
-        if status in (401, 403):
-            return cls.UNAUTHORIZED
-        if status >= 500:
-            return cls.SERVER_ERROR
-        return cls.OK
-
-
+_IN_ROTATION = frozenset({KeyHealth.READY, KeyHealth.HALF_OPEN, KeyHealth.LOW_HEADROOM})
+_PROBED = frozenset({KeyHealth.EXHAUSTED, KeyHealth.REVOKED})
 _FAILURES = frozenset(
     {Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.FORBIDDEN}
 )
+# Lanes kept per provider. Model names come from clients; past this the least recently used
+# lane is dropped (its keys' places in it are forgotten, nothing else).
+MAX_LANES = 512
 
 
-@dataclass(frozen=True, slots=True)
-class KeyConfig:
-    name: str
-    provider: str
-    secret: str = field(repr=False)
-    tier: int = 0
-    weight: int = 1
-    quota_scope: str | None = None
+class _ModelState:
+    """One (key, model)'s rate-limit state: a cool-down and a headroom deadline."""
 
-    @property
-    def fingerprint(self) -> str:
-        return _fingerprint(self.secret)
+    __slots__ = ("cool_until", "low_until", "token")
 
-
-@dataclass(frozen=True, slots=True)
-class PoolPolicy:
-    default_cooldown: float = 60.0
-    max_cooldown: float = 3600.0
-    # Providers sometimes say "retry after 0"; resting a moment keeps us from hammering.
-    min_cooldown: float = 0.5
-    failure_threshold: int = 5
-    breaker_backoff: float = 10.0
-    breaker_max_backoff: float = 300.0
-    # A half-open probe whose result never comes back (client vanished) frees the slot after this.
-    probe_timeout: float = 30.0
-    headroom_floor: int = 1
-    headroom_fraction: float = 0.01
-    # Without a reset header, a key low on headroom is deprioritised this long.
-    headroom_fallback: float = 1.0
-    round_robin: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: TableSettings) -> PoolPolicy:
-        return cls(
-            default_cooldown=settings.cooldown.default_seconds,
-            max_cooldown=settings.cooldown.max_seconds,
-            failure_threshold=settings.breaker.failure_threshold,
-            breaker_backoff=settings.breaker.backoff_seconds,
-            breaker_max_backoff=settings.breaker.max_backoff_seconds,
-            round_robin=settings.strategy == "round-robin",
-        )
-
-    def cooldown_deadline(self, headers: Mapping[str, str] | None, now: float) -> float:
-        """When a key that just answered 429 may be tried again (unix time), capped."""
-        delay = retry_delay(headers, now) if headers else None
-        if delay is None:
-            delay = self.default_cooldown
-        return now + min(max(delay, self.min_cooldown), self.max_cooldown)
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """A change worth telling the cluster about. Names and fingerprints only, never a secret."""
-
-    name: str
-    fingerprint: str
-    health: KeyHealth
-    until: float | None
-    reason: str  # RateLimited, Unauthorized, CircuitOpen, Recovered
-
-
-@dataclass(frozen=True, slots=True)
-class KeyStatus:
-    name: str
-    provider: str
-    tier: int
-    weight: int
-    fingerprint: str
-    health: KeyHealth
-    until: float | None
-    requests: int
-    rate_limited: int
-    failures: int
+    def __init__(self) -> None:
+        self.cool_until: float | None = None
+        self.low_until: float | None = None
+        self.token = 1  # never 0: 0 is "no model state", so old entries can't come back
 
 
 class Key:
@@ -153,74 +71,115 @@ class Key:
 
     __slots__ = (
         "backoff",
-        "base",
         "config",
+        "exhausted",
         "failures",
         "fingerprint",
         "health",
+        "limits",
+        "matcher",
         "name",
         "order",
         "picks",
+        "probe_deadline",
         "probing",
         "provider",
+        "quota_backoff",
         "rate_limited",
         "requests",
         "secret",
         "stride",
         "tier",
         "token",
+        "unauthorized",
         "until",
         "weight",
     )
 
     def __init__(self, config: KeyConfig, order: int, round_robin: bool) -> None:
-        self.config = config
         self.name = config.name
         self.provider = config.provider
         self.secret = config.secret
-        self.tier = config.tier
-        self.weight = config.weight
         self.fingerprint = config.fingerprint
-        self.order = order
-        self.stride = (1.0 if round_robin else 1.0 / config.weight) if config.weight > 0 else 0.0
+        self._apply(config, order, round_robin)
         self.health = KeyHealth.READY
         self.until: float | None = None
         self.failures = 0
         self.backoff = 0.0
+        self.quota_backoff = 0.0
         self.probing = False
+        self.probe_deadline: float | None = None
         self.token = 0
-        self.base = 0.0
         self.picks = 0
         self.requests = 0
         self.rate_limited = 0
+        self.exhausted = 0
+        self.unauthorized = 0
+        self.limits: dict[str, _ModelState] = {}
+
+    def _apply(self, config: KeyConfig, order: int, round_robin: bool) -> None:
+        """Take on a (possibly changed) configuration of the same key value."""
+        self.config = config
+        self.tier = config.tier
+        self.weight = config.weight
+        self.order = order
+        self.stride = (1.0 if round_robin else 1.0 / config.weight) if config.weight > 0 else 0.0
+        self.matcher: Matcher = compile_patterns(config.models)
 
     def __repr__(self) -> str:
         return f"Key({self.name!r}, {self.provider}, tier={self.tier}, {self.health.value})"
 
-    @property
-    def due(self) -> float:
-        return self.base + (self.picks + 0.5) * self.stride
+    def serves(self, model: str | None) -> bool:
+        return serves(self.matcher, model)
+
+    def mtoken(self, model: str | None) -> int:
+        state = self.limits.get(model) if model is not None and self.limits else None
+        return state.token if state is not None else 0
 
 
 class _Tier:
     __slots__ = ("level", "ready", "reserve", "vtime")
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, vtime: float = 0.0) -> None:
         self.level = level
         self.ready: list[_Entry] = []
         self.reserve: list[_Entry] = []
-        self.vtime = 0.0
+        self.vtime = vtime
+
+
+class _Lane:
+    """The schedule of one model (None: requests without one) over the keys that serve it."""
+
+    __slots__ = ("keys", "model", "tier_of", "tiers", "timers", "used")
+
+    def __init__(self, model: str | None, keys: list[Key], vtimes: Mapping[int, float]) -> None:
+        self.model = model
+        self.keys = keys
+        levels = sorted({k.tier for k in keys})
+        self.tiers = [_Tier(level, vtimes.get(level, 0.0)) for level in levels]
+        self.tier_of = {t.level: t for t in self.tiers}
+        self.timers: list[_Entry] = []  # this model's cool-down and headroom deadlines
+        self.used = 0.0
+
+    def positions(self) -> dict[str, tuple[float, float, int]]:
+        """Live keys' (due, stride, tier) in this lane: what ``configure`` carries over."""
+        out: dict[str, tuple[float, float, int]] = {}
+        for tier in self.tiers:
+            for heap in (tier.ready, tier.reserve):
+                for due, _, token, mtoken, key in heap:
+                    if token == key.token and mtoken == key.mtoken(self.model):
+                        out[key.name] = (due, key.stride, tier.level)
+        return out
 
 
 class _Group:
-    """All keys of one provider: tiers in order, and the recovery timers."""
+    """All keys of one provider: the lanes, and the key-wide recovery timers."""
 
-    __slots__ = ("keys", "tiers", "timers")
+    __slots__ = ("keys", "lanes", "timers")
 
     def __init__(self, keys: list[Key]) -> None:
         self.keys = keys
-        levels = sorted({k.tier for k in keys})
-        self.tiers = [_Tier(level) for level in levels]
+        self.lanes: dict[str | None, _Lane] = {}
         self.timers: list[_Entry] = []
 
 
@@ -232,8 +191,8 @@ class ManagedCreditPool:
         self._keys: dict[str, Key] = {}
         self._by_secret: dict[str, str] = {}
         self._groups: dict[str, _Group] = {}
-        self._tier_of: dict[tuple[str, int], _Tier] = {}
         self._scopes: dict[str, list[Key]] = {}
+        self._probes: list[_Entry] = []  # when exhausted / revoked keys are due a probe
         self.configure(keys)
 
     # ------------------------------------------------------------------ configuration
@@ -242,39 +201,63 @@ class ManagedCreditPool:
     def policy(self) -> PoolPolicy:
         return self._policy
 
-    def configure(self, keys: Iterable[KeyConfig], policy: PoolPolicy | None = None) -> None:
-        """Replace the key set. Health survives for keys that are still the same key.
+    def configure(
+        self, keys: Iterable[KeyConfig], policy: PoolPolicy | None = None
+    ) -> frozenset[str]:
+        """Replace the key set; returns the names of keys that left (to drop their metrics).
 
-        Cool-downs and breaker state carry over when name, provider and value are unchanged; a
+        A key is the same key when name, provider and value are unchanged: it keeps its health,
+        per-model state, counters, a probe in flight, and its place in every schedule. A
         revocation carries over only when nothing at all changed in the key's configuration.
         """
-        if policy is not None:
-            self._policy = policy
-        old = self._keys
-        fresh: dict[str, Key] = {}
-        for order, config in enumerate(keys):
-            if config.name in fresh:
+        configs = list(keys)
+        policy = policy or self._policy
+        if policy == self._policy and configs == [k.config for k in self._keys.values()]:
+            return frozenset()  # the same table again: nothing to do, nothing to disturb
+        names = set()
+        for config in configs:
+            if config.name in names:
                 raise ValueError(f"key {config.name!r} is configured twice")
-            if config.weight < 0 or config.tier < 0:
-                raise ValueError(f"key {config.name!r}: weight and tier must be >= 0")
-            key = Key(config, order, self._policy.round_robin)
+            names.add(config.name)
+        positions = {
+            (provider, model): lane.positions()
+            for provider, group in self._groups.items()
+            for model, lane in group.lanes.items()
+        }
+        vtimes = {
+            (provider, model): {t.level: t.vtime for t in lane.tiers}
+            for provider, group in self._groups.items()
+            for model, lane in group.lanes.items()
+        }
+        old = self._keys
+        self._policy = policy
+        fresh: dict[str, Key] = {}
+        for order, config in enumerate(configs):
             previous = old.get(config.name)
             if (
                 previous is not None
-                and previous.provider == key.provider
-                and previous.secret == key.secret
+                and previous.provider == config.provider
+                and previous.secret == config.secret
             ):
-                key.requests, key.rate_limited = previous.requests, previous.rate_limited
-                key.failures, key.backoff = previous.failures, previous.backoff
-                if previous.health is not KeyHealth.REVOKED or previous.config == config:
-                    key.health, key.until = previous.health, previous.until
-                if key.health is KeyHealth.HALF_OPEN:
-                    key.probing = False
+                key = previous
+                if key.health is KeyHealth.REVOKED and key.config != config:
+                    key.health, key.until, key.probing = KeyHealth.READY, None, False
+                key._apply(config, order, policy.round_robin)
+            else:
+                key = Key(config, order, policy.round_robin)
             fresh[config.name] = key
+        self._install(fresh)
+        for provider, group in self._groups.items():
+            for (p, model), where in positions.items():
+                if p == provider:
+                    self._build_lane(group, model, where, vtimes[(p, model)], 0.0)
+        return frozenset(old) - frozenset(n for n, k in fresh.items() if old.get(n) is k)
 
+    def _install(self, fresh: dict[str, Key]) -> None:
         by_provider: dict[str, list[Key]] = {}
         scopes: dict[str, list[Key]] = {}
         for key in fresh.values():
+            key.token += 1  # entries of the old lanes and timers are gone with them
             by_provider.setdefault(key.provider, []).append(key)
             if key.config.quota_scope:
                 scopes.setdefault(key.config.quota_scope, []).append(key)
@@ -282,18 +265,9 @@ class ManagedCreditPool:
         self._by_secret = {k.secret: k.name for k in fresh.values()}
         self._scopes = scopes
         self._groups = {p: _Group(ks) for p, ks in by_provider.items()}
-        self._tier_of = {(p, tier.level): tier for p, g in self._groups.items() for tier in g.tiers}
-        tier_members: dict[tuple[str, int], list[Key]] = {}
+        self._probes = []
         for key in fresh.values():
-            tier_members.setdefault((key.provider, key.tier), []).append(key)
-        for members in tier_members.values():
-            # Stagger first due times across the tier, (rank + 1/2) / n of a stride: equal
-            # weights become round-robin in configuration order, and light keys don't bunch
-            # up behind a heavy one.
-            n = len(members)
-            for rank, key in enumerate(members):
-                key.base = key.stride * ((rank + 0.5) / n - 0.5)
-                self._place(key, fresh_start=True)
+            self._timers_of(key)
 
     def providers(self) -> set[str]:
         return set(self._groups)
@@ -304,34 +278,60 @@ class ManagedCreditPool:
     def __contains__(self, name: object) -> bool:
         return name in self._keys
 
+    def serves(self, provider: str, model: str | None) -> bool:
+        """Does any key of ``provider`` serve ``model`` (whatever its health)?"""
+        group = self._groups.get(provider)
+        if group is None:
+            return False
+        lane = group.lanes.get(model)
+        if lane is not None:
+            return bool(lane.keys)
+        return any(k.serves(model) for k in group.keys)
+
     # ------------------------------------------------------------------ selection
 
-    def acquire(self, provider: str, now: float, exclude: Collection[str] = ()) -> Key | None:
-        """The key to use for the next request to ``provider``, or None if none is usable."""
+    def acquire(
+        self,
+        provider: str,
+        now: float,
+        exclude: Collection[str] = (),
+        model: str | None = None,
+    ) -> Key | None:
+        """The key to use for the next request to ``provider`` for ``model``, or None.
+
+        Only keys that may serve ``model`` and are not cooling for it (nor out key-wide).
+        """
         group = self._groups.get(provider)
         if group is None:
             return None
+        lane = group.lanes.get(model)
+        if lane is None:
+            lane = self._build_lane(group, model, {}, {}, now)
+        lane.used = now
         timers = group.timers
         if timers and timers[0][0] <= now:
             self._expire(group, now)
-        for tier in group.tiers:
-            key = self._pick(tier, tier.ready, exclude, now)
+        if lane.timers and lane.timers[0][0] <= now:
+            self._expire_lane(lane, now)
+        for tier in lane.tiers:
+            key = self._pick(lane, tier, tier.ready, exclude, now)
             if key is None and tier.reserve:
-                key = self._pick(tier, tier.reserve, exclude, now)
+                key = self._pick(lane, tier, tier.reserve, exclude, now)
             if key is not None:
                 key.requests += 1
                 return key
         return None
 
     def _pick(
-        self, tier: _Tier, heap: list[_Entry], exclude: Collection[str], now: float
+        self, lane: _Lane, tier: _Tier, heap: list[_Entry], exclude: Collection[str], now: float
     ) -> Key | None:
         skipped: list[_Entry] = []
         chosen: Key | None = None
+        model = lane.model
         while heap:
             entry = heap[0]
-            key = entry[3]
-            if entry[2] != key.token:
+            key = entry[4]
+            if entry[2] != key.token or (key.limits and entry[3] != key.mtoken(model)):
                 heapq.heappop(heap)  # stale: the key changed state since this was pushed
                 continue
             if exclude and key.name in exclude:
@@ -340,36 +340,54 @@ class ManagedCreditPool:
             tier.vtime = entry[0]
             key.picks += 1
             if key.health is KeyHealth.HALF_OPEN:
-                # One probe at a time: out of rotation until it reports back (or times out).
+                # One probe at a time: out of rotation (every lane) until it is released.
                 heapq.heappop(heap)
                 key.probing = True
+                key.probe_deadline = now + self._policy.probe_timeout
                 key.token += 1
-                self._timer(key, now + self._policy.probe_timeout)
+                self._timer(key, key.probe_deadline)
             else:
-                heapq.heapreplace(heap, (key.due, key.order, key.token, key))
+                heapq.heapreplace(heap, (entry[0] + key.stride, entry[1], entry[2], entry[3], key))
             chosen = key
             break
         for entry in skipped:
             heapq.heappush(heap, entry)
         return chosen
 
-    def next_recovery(self, provider: str, now: float) -> float | None:
-        """Earliest unix time a key of ``provider`` is usable: ``now`` if one is, None if never."""
+    def next_recovery(self, provider: str, now: float, model: str | None = None) -> float | None:
+        """Earliest unix time a key of ``provider`` can serve ``model``: ``now`` if one can,
+        None if none will by itself (all revoked or exhausted: they return through probes)."""
         group = self._groups.get(provider)
         if group is None:
             return None
+        lane = group.lanes.get(model)
+        if lane is None:
+            lane = self._build_lane(group, model, {}, {}, now)
         self._expire(group, now)
-        for tier in group.tiers:
-            if self._live(tier.ready) or self._live(tier.reserve):
+        self._expire_lane(lane, now)
+        for tier in lane.tiers:
+            if self._live(tier.ready, model) or self._live(tier.reserve, model):
                 return now
-        timers = group.timers
-        while timers and timers[0][2] != timers[0][3].token:
-            heapq.heappop(timers)
-        return timers[0][0] if timers else None
+        # The error path only (no key usable): a scan of the lane's keys is fine here.
+        times = [t for k in lane.keys if (t := self._recovery(k, model, now)) is not None]
+        return min(times) if times else None
+
+    def _recovery(self, key: Key, model: str | None, now: float) -> float | None:
+        if key.stride == 0.0 or key.health in _PROBED:
+            return None
+        at = now
+        if key.health is KeyHealth.HALF_OPEN and key.probing:
+            at = key.probe_deadline or now
+        elif key.health not in (KeyHealth.READY, KeyHealth.HALF_OPEN) and key.until is not None:
+            at = key.until
+        state = key.limits.get(model) if model is not None else None
+        if state is not None and state.cool_until is not None:
+            at = max(at, state.cool_until)
+        return at
 
     @staticmethod
-    def _live(heap: list[_Entry]) -> bool:
-        while heap and heap[0][2] != heap[0][3].token:
+    def _live(heap: list[_Entry], model: str | None) -> bool:
+        while heap and (heap[0][2] != heap[0][4].token or heap[0][3] != heap[0][4].mtoken(model)):
             heapq.heappop(heap)
         return bool(heap)
 
@@ -381,97 +399,217 @@ class ManagedCreditPool:
         outcome: Outcome,
         now: float,
         headers: Mapping[str, str] | None = None,
+        model: str | None = None,
     ) -> list[Transition]:
         """Record what the provider answered through ``key``. Returns the changes worth reporting.
 
+        ``model``: the model the request named, when the answer is about that model (a 429,
+        headroom); None for a request without a model or an answer about the whole key.
         ``headers`` is a case-insensitive mapping (aiohttp's) or one with lower-case names.
         """
         current = self._keys.get(key.name)
         if current is not key:
-            # Reconfigured while the request was in flight: teach the key's successor, if it
-            # is still the same key.
-            if current is None or current.secret != key.secret:
-                return []
-            key = current
-        policy = self._policy
-        if outcome is Outcome.OK:
-            key.failures = 0
-            if key.health is KeyHealth.HALF_OPEN:
-                key.backoff = 0.0
-                self._set(key, KeyHealth.READY, None, now)
-                return [self._transition(key, "Recovered")]
-            if headers and key.health in (KeyHealth.READY, KeyHealth.LOW_HEADROOM):
-                until = headroom_exhausted_until(
-                    headers,
-                    now,
-                    policy.headroom_floor,
-                    policy.headroom_fraction,
-                    policy.headroom_fallback,
-                )
-                if until is not None:
-                    # Deprioritised, not out; still never for longer than any cool-down.
-                    until = min(until, now + policy.max_cooldown)
-                    if key.health is not KeyHealth.LOW_HEADROOM or (key.until or 0) < until:
-                        self._set(key, KeyHealth.LOW_HEADROOM, until, now)
-                elif key.health is KeyHealth.LOW_HEADROOM:
-                    self._set(key, KeyHealth.READY, None, now)
+            # Reconfigured with a new value while the request was in flight: not this key.
             return []
+        if self._policy.cooldown_scope is LimitScope.KEY:
+            model = None
+        if outcome is Outcome.OK:
+            return self._ok(key, now, headers, model)
         if outcome is Outcome.RATE_LIMITED:
             key.rate_limited += 1
             key.failures = 0
-            until = policy.cooldown_deadline(headers, now)
-            peers = self._scopes.get(key.config.quota_scope or "", [key])
-            if key not in peers:
-                peers = [key]
+            if key.health is KeyHealth.HALF_OPEN and key.probing:
+                # The probe was answered, just not served: the next request probes again.
+                self._set(key, KeyHealth.HALF_OPEN, None, now)
+            until = self._policy.cooldown_deadline(headers, now)
             changed = []
-            for peer in peers:
-                if self._cool(peer, until, now):
-                    changed.append(self._transition(peer, "RateLimited"))
+            for peer in self._peers(key):
+                if model is None:
+                    if self._cool(peer, until, now):
+                        changed.append(self._transition(peer, "RateLimited"))
+                elif self._cool_model(peer, model, until, now):
+                    changed.append(self._transition(peer, "RateLimited", model, until))
             return changed
+        if outcome is Outcome.EXHAUSTED:
+            key.exhausted += 1
+            return [
+                self._transition(peer, "Exhausted")
+                for peer in self._peers(key)
+                if self._exhaust(peer, None, now)
+            ]
         if outcome is Outcome.UNAUTHORIZED:
-            if key.health is KeyHealth.REVOKED:
-                return []
-            self._set(key, KeyHealth.REVOKED, None, now)
-            return [self._transition(key, "Unauthorized")]
+            key.unauthorized += 1
+            return [self._transition(key, "Unauthorized")] if self._revoke(key, now) else []
         if outcome in _FAILURES:
-            key.failures += 1
-            if key.health is KeyHealth.HALF_OPEN:
-                key.backoff = min(key.backoff * 2, policy.breaker_max_backoff)
-            elif key.failures >= policy.failure_threshold and key.health in (
-                KeyHealth.READY,
-                KeyHealth.LOW_HEADROOM,
-            ):
-                key.backoff = min(policy.breaker_backoff, policy.breaker_max_backoff)
-            else:
-                return []
-            self._set(key, KeyHealth.OPEN, now + key.backoff, now)
-            return [self._transition(key, "CircuitOpen")]
+            return self._failure(key, now)
         # CANCELLED: nothing learnt; a probe that never finished may be retried.
         if key.health is KeyHealth.HALF_OPEN and key.probing:
             self._set(key, KeyHealth.HALF_OPEN, None, now)
         return []
 
-    def impose_cooldown(self, name: str, until: float, now: float) -> bool:
-        """Apply a cool-down learnt elsewhere (the cluster's table). Only ever lengthens one."""
+    def _ok(
+        self, key: Key, now: float, headers: Mapping[str, str] | None, model: str | None
+    ) -> list[Transition]:
+        key.failures = 0
+        key.quota_backoff = 0.0  # a real answer: the quota is back for good
+        if key.health is KeyHealth.HALF_OPEN:
+            key.backoff = 0.0
+            self._set(key, KeyHealth.READY, None, now)
+            return [self._transition(key, "Recovered")]
+        if not headers or key.health not in (KeyHealth.READY, KeyHealth.LOW_HEADROOM):
+            return []
+        policy = self._policy
+        until = headroom_exhausted_until(
+            headers,
+            now,
+            policy.headroom_floor,
+            policy.headroom_fraction,
+            policy.headroom_fallback,
+        )
+        if until is not None:
+            # Deprioritised, not out; still never for longer than any cool-down.
+            until = min(until, now + policy.max_cooldown)
+        if model is not None:
+            state = key.limits.get(model)
+            if until is not None and (state is None or (state.low_until or 0) < until):
+                self._set_model(key, model, None, until, now)
+            elif until is None and state is not None and state.low_until is not None:
+                self._set_model(key, model, state.cool_until, None, now)
+        elif until is not None:
+            if key.health is not KeyHealth.LOW_HEADROOM or (key.until or 0) < until:
+                self._set(key, KeyHealth.LOW_HEADROOM, until, now)
+        elif key.health is KeyHealth.LOW_HEADROOM:
+            self._set(key, KeyHealth.READY, None, now)
+        return []
+
+    def _failure(self, key: Key, now: float) -> list[Transition]:
+        policy = self._policy
+        key.failures += 1
+        if key.health is KeyHealth.HALF_OPEN:
+            key.backoff = min(
+                max(key.backoff * 2, policy.breaker_backoff), policy.breaker_max_backoff
+            )
+        elif key.failures >= policy.failure_threshold and key.health in (
+            KeyHealth.READY,
+            KeyHealth.LOW_HEADROOM,
+        ):
+            key.backoff = min(policy.breaker_backoff, policy.breaker_max_backoff)
+        else:
+            return []
+        self._set(key, KeyHealth.OPEN, now + key.backoff, now)
+        return [self._transition(key, "CircuitOpen")]
+
+    def _peers(self, key: Key) -> list[Key]:
+        """The key and the keys sharing its quotaScope (one organisation's quota)."""
+        peers = self._scopes.get(key.config.quota_scope or "", [key])
+        return peers if key in peers else [key]
+
+    # ------------------------------------------------------------------ probes
+
+    def probes_due(self, now: float) -> list[Key]:
+        """Exhausted and revoked keys whose next probe is due; each is handed out once.
+
+        The caller probes each with ``GET <baseURL>/models`` (costs no tokens) and reports with
+        ``probe_result``. A probe that never reports back is offered again after
+        ``policy.quota_probe_timeout``.
+        """
+        due: list[Key] = []
+        probes = self._probes
+        while probes and probes[0][0] <= now:
+            _, _, token, _, key = heapq.heappop(probes)
+            if token != key.token or key.health not in _PROBED:
+                continue
+            key.probing = True
+            key.probe_deadline = now + self._policy.quota_probe_timeout
+            heapq.heappush(probes, (key.probe_deadline, key.order, key.token, 0, key))
+            due.append(key)
+        return due
+
+    def probe_result(self, key: Key, ok: bool, now: float) -> list[Transition]:
+        """A token-free probe's answer: ``ok`` returns the key at once; else it waits longer."""
+        current = self._keys.get(key.name)
+        if current is not key or key.health not in _PROBED:
+            return []
+        if ok:
+            self._set(key, KeyHealth.READY, None, now)
+            return [self._transition(key, "Recovered")]
+        if key.health is KeyHealth.EXHAUSTED:
+            self._exhaust(key, None, now, again=True)
+            return [self._transition(key, "Exhausted")]
+        self._set(key, KeyHealth.REVOKED, now + self._policy.quota_max_backoff, now)
+        return [self._transition(key, "Unauthorized")]
+
+    # ------------------------------------------------------------------ what others saw
+
+    def impose_cooldown(
+        self, name: str, until: float, now: float, model: str | None = None
+    ) -> bool:
+        """Apply a cool-down learnt elsewhere (another replica). Only ever lengthens one."""
         key = self._keys.get(name)
         if key is None or until <= now:
             return False
-        return self._cool(key, min(until, now + self._policy.max_cooldown), now)
+        until = min(until, now + self._policy.max_cooldown)
+        if model is None or self._policy.cooldown_scope is LimitScope.KEY:
+            return self._cool(key, until, now)
+        return self._cool_model(key, model, until, now)
+
+    def exhaust(self, name: str, until: float, now: float) -> bool:
+        """Mark a key exhausted until ``until`` (its next probe), as another replica saw it."""
+        key = self._keys.get(name)
+        if key is None or until <= now:
+            return False
+        return self._exhaust(key, min(until, now + self._policy.quota_max_backoff), now)
 
     def revoke(self, name: str, now: float) -> bool:
-        """Take a key out until its configuration changes (the cluster says it is revoked)."""
+        """Take a key out (the cluster says it is revoked); probed every quota_max_backoff."""
         key = self._keys.get(name)
-        if key is None or key.health is KeyHealth.REVOKED:
+        return key is not None and self._revoke(key, now)
+
+    def _revoke(self, key: Key, now: float) -> bool:
+        if key.health is KeyHealth.REVOKED:
             return False
-        self._set(key, KeyHealth.REVOKED, None, now)
+        self._set(key, KeyHealth.REVOKED, now + self._policy.quota_max_backoff, now)
+        return True
+
+    def _exhaust(self, key: Key, until: float | None, now: float, again: bool = False) -> bool:
+        policy = self._policy
+        if key.health is KeyHealth.REVOKED:
+            return False
+        if (
+            key.health is KeyHealth.EXHAUSTED
+            and not again
+            and (until is None or (key.until or 0) >= until)
+        ):
+            return False  # already out (another in-flight request saying it again)
+        if until is None:
+            backoff = policy.quota_backoff if key.quota_backoff <= 0 else key.quota_backoff * 2
+            key.quota_backoff = min(backoff, policy.quota_max_backoff)
+            until = now + key.quota_backoff
+        else:
+            key.quota_backoff = max(key.quota_backoff, min(until - now, policy.quota_max_backoff))
+        self._set(key, KeyHealth.EXHAUSTED, until, now)
         return True
 
     def _cool(self, key: Key, until: float, now: float) -> bool:
-        if key.health is KeyHealth.REVOKED:
+        """Cool the whole key. A breaker that is open stays open (it must pass half-open)."""
+        health = key.health
+        if health in _PROBED:
             return False
-        if key.health in (KeyHealth.COOLING, KeyHealth.OPEN) and (key.until or 0) >= until:
+        if health in (KeyHealth.OPEN, KeyHealth.HALF_OPEN):
+            if health is KeyHealth.OPEN and (key.until or 0) >= until:
+                return False
+            self._set(key, KeyHealth.OPEN, max(until, key.until or 0), now)
+            return True
+        if health is KeyHealth.COOLING and (key.until or 0) >= until:
             return False  # a longer deadline never shortens
         self._set(key, KeyHealth.COOLING, until, now)
+        return True
+
+    def _cool_model(self, key: Key, model: str, until: float, now: float) -> bool:
+        state = key.limits.get(model)
+        if state is not None and state.cool_until is not None and state.cool_until >= until:
+            return False
+        self._set_model(key, model, until, state.low_until if state else None, now)
         return True
 
     # ------------------------------------------------------------------ the seed's API
@@ -496,65 +634,193 @@ class ManagedCreditPool:
     # ------------------------------------------------------------------ reading
 
     def statuses(self, now: float) -> list[KeyStatus]:
-        for group in self._groups.values():
-            self._expire(group, now)
-        return [
-            KeyStatus(
-                name=k.name,
-                provider=k.provider,
-                tier=k.tier,
-                weight=k.weight,
-                fingerprint=k.fingerprint,
-                health=k.health,
-                until=k.until,
-                requests=k.requests,
-                rate_limited=k.rate_limited,
-                failures=k.failures,
-            )
-            for k in self._keys.values()
-        ]
+        """Every key's state as of ``now``. Reads only: a scrape never changes the pool."""
+        return [self._status(k, now) for k in self._keys.values()]
+
+    def _status(self, key: Key, now: float) -> KeyStatus:
+        health, until = key.health, key.until
+        if health is KeyHealth.REVOKED:
+            until = None  # out until a probe passes; the probe's time is the pool's business
+        elif until is not None and until <= now:
+            if health in (KeyHealth.COOLING, KeyHealth.LOW_HEADROOM):
+                health, until = KeyHealth.READY, None
+            elif health is KeyHealth.OPEN:
+                health, until = KeyHealth.HALF_OPEN, None
+        cooling = sorted(
+            (
+                (m, s.cool_until)
+                for m, s in key.limits.items()
+                if s.cool_until and s.cool_until > now
+            ),
+            key=lambda item: (item[1], item[0]),
+        )
+        return KeyStatus(
+            name=key.name,
+            provider=key.provider,
+            tier=key.tier,
+            weight=key.weight,
+            fingerprint=key.fingerprint,
+            health=health,
+            until=until,
+            requests=key.requests,
+            rate_limited=key.rate_limited,
+            failures=key.failures,
+            cooling=tuple(cooling),
+            exhausted=key.exhausted,
+            unauthorized=key.unauthorized,
+            models=key.config.models,
+        )
 
     # ------------------------------------------------------------------ mechanics
 
-    def _transition(self, key: Key, reason: str) -> Transition:
-        return Transition(key.name, key.fingerprint, key.health, key.until, reason)
+    def _transition(
+        self, key: Key, reason: str, model: str | None = None, until: float | None = None
+    ) -> Transition:
+        if model is not None:
+            return Transition(key.name, key.fingerprint, KeyHealth.COOLING, until, reason, model)
+        until = None if key.health is KeyHealth.REVOKED else key.until
+        return Transition(key.name, key.fingerprint, key.health, until, reason)
 
     def _set(self, key: Key, health: KeyHealth, until: float | None, now: float) -> None:
+        """Change a key's key-wide state and re-place it in every lane of its provider."""
         key.token += 1  # every heap and timer entry of the old state is now stale
         key.health = health
         key.until = until
         key.probing = False
-        self._place(key, fresh_start=False)
+        key.probe_deadline = None
+        self._timers_of(key)
+        group = self._groups[key.provider]
+        for lane in group.lanes.values():
+            if lane.model is None or key.serves(lane.model):
+                self._place(lane, key, None, now)
 
-    def _place(self, key: Key, fresh_start: bool) -> None:
-        """Put a key where its health says: a rotation heap, a timer, or nowhere."""
-        tier = self._tier_of[(key.provider, key.tier)]
-        if key.until is not None:
+    def _set_model(
+        self,
+        key: Key,
+        model: str,
+        cool_until: float | None,
+        low_until: float | None,
+        now: float,
+    ) -> None:
+        """Change one (key, model)'s state and re-place the key in that model's lane only."""
+        state = key.limits.get(model)
+        if state is None:
+            state = key.limits[model] = _ModelState()
+        state.token += 1
+        state.cool_until, state.low_until = cool_until, low_until
+        lane = self._groups[key.provider].lanes.get(model)
+        if lane is not None and key.serves(model):
+            self._place(lane, key, None, now)
+
+    def _timers_of(self, key: Key) -> None:
+        """The key-wide timers for a key's current state (recovery, probe, lost release)."""
+        if key.health in _PROBED:
+            when = key.probe_deadline if key.probing else key.until
+            if when is not None:
+                heapq.heappush(self._probes, (when, key.order, key.token, 0, key))
+        elif key.health is KeyHealth.HALF_OPEN and key.probing and key.probe_deadline:
+            self._timer(key, key.probe_deadline)
+        elif key.until is not None:
             self._timer(key, key.until)
-        if key.stride == 0.0 or key.health not in (*_IN_ROTATION, KeyHealth.LOW_HEADROOM):
+
+    def _place(self, lane: _Lane, key: Key, due: float | None, now: float) -> None:
+        """Put a key where its state says in one lane: a rotation heap, a timer, or nowhere.
+
+        ``due``: its place in the schedule (configure carrying it over); None: rejoin at the
+        tier's present, half a stride out (no burst to "catch up").
+        """
+        if key.stride == 0.0 or key.health not in _IN_ROTATION or key.probing:
             return
-        if not fresh_start:
-            # Rejoin at the tier's present, half a stride out: no burst to "catch up".
-            key.base, key.picks = tier.vtime, 0
-        heap = tier.reserve if key.health is KeyHealth.LOW_HEADROOM else tier.ready
-        heapq.heappush(heap, (key.due, key.order, key.token, key))
-        if len(heap) > 64 and len(heap) > 3 * len(self._keys):
+        model = lane.model
+        state = key.limits.get(model) if model is not None and key.limits else None
+        reserve = key.health is KeyHealth.LOW_HEADROOM
+        mtoken = 0
+        if state is not None:
+            if state.cool_until is not None and state.cool_until <= now:
+                state.cool_until = None
+            if state.low_until is not None and state.low_until <= now:
+                state.low_until = None
+            mtoken = state.token
+            if state.cool_until is not None:
+                heapq.heappush(lane.timers, (state.cool_until, key.order, key.token, mtoken, key))
+                return
+            if state.low_until is not None:
+                reserve = True
+                heapq.heappush(lane.timers, (state.low_until, key.order, key.token, mtoken, key))
+        tier = lane.tier_of[key.tier]
+        if due is None:
+            due = tier.vtime + 0.5 * key.stride
+        heap = tier.reserve if reserve else tier.ready
+        heapq.heappush(heap, (due, key.order, key.token, mtoken, key))
+        if len(heap) > 64 and len(heap) > 3 * len(lane.keys):
             # Many state flips left stale entries behind; compact instead of growing.
-            heap[:] = [e for e in heap if e[2] == e[3].token]
+            heap[:] = [e for e in heap if e[2] == e[4].token and e[3] == e[4].mtoken(model)]
             heapq.heapify(heap)
+
+    def _build_lane(
+        self,
+        group: _Group,
+        model: str | None,
+        positions: Mapping[str, tuple[float, float, int]],
+        vtimes: Mapping[int, float],
+        now: float,
+    ) -> _Lane:
+        """A model's schedule over the keys that serve it; ``positions`` carried over."""
+        if len(group.lanes) >= MAX_LANES and model not in group.lanes:
+            oldest = min(
+                (m for m in group.lanes if m is not None), key=lambda m: group.lanes[m].used
+            )
+            del group.lanes[oldest]
+        members = [k for k in group.keys if k.serves(model)]
+        lane = _Lane(model, members, vtimes)
+        lane.used = now
+        group.lanes[model] = lane
+        by_tier: dict[int, list[Key]] = {}
+        for key in members:
+            by_tier.setdefault(key.tier, []).append(key)
+        for level, keys in by_tier.items():
+            vtime = lane.tier_of[level].vtime
+            for rank, key in enumerate(keys):
+                where = positions.get(key.name)
+                due: float | None = None
+                if where is not None:
+                    old_due, old_stride, old_level = where
+                    if old_level == level and old_stride > 0 and key.stride > 0:
+                        # Keep the fraction of a stride still to run (weight change: rescaled).
+                        due = vtime + (old_due - vtime) * key.stride / old_stride
+                elif not positions:
+                    # A lane built from scratch: stagger first due times across the tier,
+                    # (rank + 1/2) / n of a stride, so equal weights become round-robin in
+                    # configuration order and light keys don't bunch up behind a heavy one.
+                    due = vtime + key.stride * (rank + 0.5) / len(keys)
+                # Otherwise a newcomer to a running lane: it joins at the tier's present.
+                self._place(lane, key, due, now)
+        return lane
 
     def _timer(self, key: Key, when: float) -> None:
         if math.isfinite(when):
-            heapq.heappush(self._groups[key.provider].timers, (when, key.order, key.token, key))
+            heapq.heappush(self._groups[key.provider].timers, (when, key.order, key.token, 0, key))
 
     def _expire(self, group: _Group, now: float) -> None:
         timers = group.timers
         while timers and timers[0][0] <= now:
-            _, _, token, key = heapq.heappop(timers)
+            _, _, token, _, key = heapq.heappop(timers)
             if token != key.token:
                 continue
             if key.health in (KeyHealth.OPEN, KeyHealth.HALF_OPEN):
-                # Back-off over (or a probe that timed out): let one probe through.
+                # Back-off over (or a probe whose release never came): let one probe through.
                 self._set(key, KeyHealth.HALF_OPEN, None, now)
             elif key.health in (KeyHealth.COOLING, KeyHealth.LOW_HEADROOM):
                 self._set(key, KeyHealth.READY, None, now)
+
+    def _expire_lane(self, lane: _Lane, now: float) -> None:
+        timers = lane.timers
+        model = lane.model
+        while timers and timers[0][0] <= now:
+            _, _, token, mtoken, key = heapq.heappop(timers)
+            if token != key.token or mtoken != key.mtoken(model):
+                continue
+            assert model is not None  # only model lanes have model timers
+            state = key.limits[model]
+            state.token += 1
+            self._place(lane, key, None, now)

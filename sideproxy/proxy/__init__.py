@@ -1,15 +1,24 @@
 """The data plane: an aiohttp reverse proxy that spreads requests over a pool of API keys.
 
-Public surface (pinned by ``tests/proxy/test_public_api.py``)::
+Public surface (``tests/proxy/test_public_api.py`` checks this list against ``__all__`` and
+against what the rest of the repository imports)::
 
     create_app(settings, source, *, on_transitions=None, pool=None, clock=time.time)
     ProxySettings                       process-level settings (host, port, limits, ...)
     serve(settings, source, ...)        run until SIGTERM with graceful shutdown
     running(app) -> url                 async context manager: serve in this event loop
-    sources: ConfigSource, Snapshot, Rejected, EnvSource, FileSource, StaticSource, QueueSource
+    new_event_loop()                    uvloop's loop when installed
+    configure_logging(fmt, level)       text or JSON log lines
+    Runtime                             applies source events to the app (app[RUNTIME])
+    TransitionHook                      the type of ``on_transitions``
+    sources: ConfigSource, Snapshot, SourceEvent, Rejected, SourceUnavailable, EnvSource,
+             FileSource, StaticSource, QueueSource, load_file, cluster_source,
+             register_cluster_source
     app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
     errors: ProxyError and error_response (the one OpenAI-shaped error helper)
 
+The request path, stage by stage, is described in ``sideproxy.proxy._forward``; the interface a
+transport plugs into in ``sideproxy.proxy._exchange``.
 Routing rule and path safety: see ``sideproxy.proxy._paths``.
 """
 

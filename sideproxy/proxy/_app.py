@@ -30,12 +30,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sideproxy.pool import ManagedCreditPool
+from sideproxy.proxy._aio import AioUpstream, handler, upstream_session
 from sideproxy.proxy._compile import Compiled, CompileError, compile_snapshot
 from sideproxy.proxy._errors import ProxyError, Unauthorized, error_response
 from sideproxy.proxy._forward import Forwarder, TransitionHook
@@ -362,7 +362,7 @@ def create_app(
     app.router.add_get("/sideproxy/status", _status)
     app.router.add_get("/status", _status)
     # (?s): a decoded path may hold a newline; the forwarder, not the router, rejects it.
-    app.router.add_route("*", "/{tail:(?s:.*)}", forwarder.handle)
+    app.router.add_route("*", "/{tail:(?s:.*)}", handler(forwarder, settings))
 
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_source_ctx)
@@ -384,30 +384,12 @@ class _NoSource:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(
-        limit=settings.connection_limit,
-        ttl_dns_cache=settings.dns_cache_ttl,
-        keepalive_timeout=settings.upstream_keepalive,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        # Pass provider bytes through untouched, Content-Encoding and all (see _headers).
-        auto_decompress=False,
-        # Send only what the client sent: no aiohttp User-Agent / Accept-Encoding / Content-Type.
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
-        # A proxy must never store one client's cookies and replay them for another.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        max_line_size=max(settings.max_header_size, 8190),
-        max_field_size=max(settings.max_header_size, 8190),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-    app[FORWARDER].session = session
+    session = upstream_session(app[SETTINGS])
+    app[FORWARDER].client = AioUpstream(session)
     try:
         yield
     finally:
-        app[FORWARDER].session = None
+        app[FORWARDER].client = None
         await session.close()
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
-
-from multidict import CIMultiDictProxy
+from collections.abc import Iterable, Mapping
 
 __all__ = ["VirtualKeys", "parse_virtual_keys"]
 
@@ -38,7 +36,8 @@ class VirtualKeys:
     def __repr__(self) -> str:
         return f"VirtualKeys(count={len(self._digests)}, required={self.required})"
 
-    def check(self, headers: CIMultiDictProxy[str]) -> bool:
+    def check(self, headers: Mapping[str, str]) -> bool:
+        """``headers``: case-insensitive (``_exchange.Headers``, aiohttp's)."""
         if not self.required:
             return True
         presented = headers.get("Authorization")

@@ -13,8 +13,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aiohttp import ClientTimeout
-from multidict import istr
 from yarl import URL
 
 from sideproxy.models import (
@@ -41,8 +39,8 @@ class CompileError(ValueError):
 class Upstream:
     provider: str
     base: str  # scheme://host[:port]/path, no trailing slash, no userinfo
-    auth_name: istr  # Authorization, or x-api-key for Anthropic
-    auth_prefix: str  # "Bearer " or ""
+    auth_name: bytes  # Authorization, or x-api-key for Anthropic
+    auth_prefix: bytes  # b"Bearer " or b""
     anthropic: bool  # Anthropic's error/event shapes
 
 
@@ -61,7 +59,6 @@ class Compiled:
     retry_budget: float
     first_byte: float
     idle_stream: float
-    timeout: ClientTimeout  # first attempt: total, connect, sock_read = first byte (<= budget)
     connect: float
     total: float
     loaded_at: float
@@ -87,7 +84,7 @@ def _upstream(provider: str, url: str) -> Upstream:
         provider=provider,
         base=str(parsed).rstrip("/"),
         auth_name=X_API_KEY if anthropic else AUTHORIZATION,
-        auth_prefix="" if anthropic else "Bearer ",
+        auth_prefix=b"" if anthropic else b"Bearer ",
         anthropic=anthropic,
     )
 
@@ -125,6 +122,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
                 tier=key.tier,
                 weight=key.weight,
                 quota_scope=key.quota_scope,
+                models=tuple(key.models),
             )
         )
         if key.state is KeyState.REVOKED:
@@ -157,12 +155,6 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         retry_budget=ts.retry.total_timeout_seconds,
         first_byte=timeouts.first_byte_seconds,
         idle_stream=timeouts.idle_stream_seconds,
-        timeout=ClientTimeout(
-            total=timeouts.total_seconds,
-            connect=timeouts.connect_seconds,
-            sock_connect=timeouts.connect_seconds,
-            sock_read=min(timeouts.first_byte_seconds, ts.retry.total_timeout_seconds),
-        ),
         connect=timeouts.connect_seconds,
         total=timeouts.total_seconds,
         loaded_at=now,

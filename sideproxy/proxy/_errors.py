@@ -81,6 +81,13 @@ class ProxyError(Exception):
             self.code = code
         self.headers = headers
 
+    def parts(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """(status, headers, body): this error for any transport."""
+        headers = [(b"Content-Type", b"application/json")]
+        for name, value in (self.headers or {}).items():
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        return self.status, headers, error_body(self.message, self.type_, self.code)
+
     def response(self) -> web.Response:
         return error_response(self.status, self.message, self.type_, self.code, self.headers)
 

@@ -1,77 +1,74 @@
-"""The request path: route, authenticate, read the body once, try keys, answer or stream.
+"""The request path, stage by stage, on any transport (see ``_exchange``)::
 
-Per request::
-
-    parse_target -> virtual key -> provider -> body (size limit, read timeout, JSON validity)
-    loop (max_attempts, retry budget):
+    parse and route      _paths.parse_path, _route: provider, upstream URL, model, replayable
+    authenticate/admit   the virtual key (``_auth``)
+    attempt              loop (max_attempts, retry budget), one ``_attempt.Attempt`` per key:
         key = pool.acquire(provider, now, exclude=tried)      None -> stop
         send upstream with the key's auth header
-        429 / 401 / 5xx / connect error / timeout            -> release, next key at once
-          (5xx, timeouts, resets and broken bodies only for replayable requests: see
-          _REPLAYABLE_PATHS; a files or batches upload is never sent twice)
-        a 2xx whose JSON body is broken (read whole)         -> release (a failure), next key
+        429 / 401 / connect error                            -> next key at once
+        5xx, timeout, reset, broken body                     -> next key if replayable
+          (see _route._REPLAYABLE_PATHS; a files or batches upload is never sent twice)
+        a 2xx whose JSON body is broken (read whole)         -> a failure, next key if replayable
         403                                                  -> see below
-        an error (>= 400): read whole, up to buffer_limit    -> scrubbed of key material, answer
+        an error (>= 400, SSE too): read whole, up to 64 KiB  -> scrubbed of key material, answer
         2xx with a known length <= buffer_limit              -> read whole, answer
-        SSE, unsized or large 2xx                            -> stream chunk by chunk, no retry
-    spent: the last provider answer (429 gets the pool's Retry-After), else 502/504, else 429.
+        SSE, unsized or large 2xx                            -> relay chunk by chunk, no retry
+    relay                _relay: stream, or the whole body; spent: the last provider answer
+                         (a 429 gets the pool's Retry-After and a matching retry-after-ms),
+                         else 502/504, else 429 no_key_available.
 
 401 is retried: it says the *key* is bad (the pool revokes it), not the request. A 403 is
 ambiguous: it is as often about the request (a model, a region) as about the key, and revoking
 on it would let one odd client walk a whole pool into revocation. So a 403 revokes only when its
 structured ``error.code`` / ``error.type`` says the key itself is invalid or disabled (message
 text is ignored: a provider may echo the client's input there). Any other 403 is tried once on
-another key: if that key answers 403 too, the request is at fault (the 403 goes to the client,
-neither key learns anything); if it succeeds, the first key's 403 was about that key and counts
-toward its circuit breaker (``Outcome.FORBIDDEN``: it opens after ``failure_threshold`` such
-requests in a row and recovers by itself, it never revokes).
+another key: if that key answers 403 too (or any other 4xx), the request is at fault (the answer
+goes to the client, neither key learns anything); if it succeeds, the first key's 403 was about
+that key and counts toward its circuit breaker (``Outcome.FORBIDDEN``: it opens after
+``failure_threshold`` such requests in a row and recovers by itself, it never revokes).
 
-Upstream error bodies never reach the client with key material in them: a 401 (or key-level
-403) body is replaced by the proxy's own error; any other error body has the key's value and
-any masked key quote (``sk-abc****wxyz``, ``sk-abc...xyz``) replaced by ``<redacted>``.
-An SSE stream of chat/completions (``data: [DONE]``) or Anthropic messages (``message_stop``)
-that ends without its final event gets an error event appended, so a client cannot mistake a
-truncated answer for a whole one.
-Every ``acquire`` is matched by exactly one ``release``, on every path including cancellation.
+Every ``acquire`` is matched by exactly one ``release`` (``_attempt.Attempt``), on every path
+including cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
-
 from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition
+from sideproxy.proxy._attempt import Attempt, Learn, judge
+from sideproxy.proxy._bodies import decoded, is_json, key_level_403, scrub, whole_json
 from sideproxy.proxy._errors import (
-    BadRequest,
-    BodyTooLarge,
     NoKeyAvailable,
-    NotFound,
     NotReady,
     ProxyError,
-    RequestTimeout,
     Unauthorized,
     UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_body,
 )
-from sideproxy.proxy._headers import request_headers, response_headers
-from sideproxy.proxy._paths import parse_target
+from sideproxy.proxy._exchange import (
+    ConnectFailed,
+    Inbound,
+    Responder,
+    UpstreamBroken,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamTimedOut,
+)
+from sideproxy.proxy._headers import request_headers, response_headers, with_json_body
+from sideproxy.proxy._paths import parse_path
+from sideproxy.proxy._relay import end_broken, missing_final_event, relay
+from sideproxy.proxy._route import Route, resolve, upstream_of
 
 if TYPE_CHECKING:
-    from sideproxy.proxy._compile import Compiled, Upstream
+    from sideproxy.proxy._compile import Compiled
     from sideproxy.proxy._metrics import Metrics
     from sideproxy.proxy._settings import ProxySettings
 
@@ -82,118 +79,13 @@ TransitionHook = Callable[[list[Transition]], None]
 log = logging.getLogger("sideproxy.proxy")
 access_log = logging.getLogger("sideproxy.access")
 
-_RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.SERVER_ERROR})
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# Requests that change nothing at the provider but the bill, so they may be sent again after a
-# failure that could have reached the provider (a 5xx, a timeout, a reset, a broken body). Any
-# other request (files, batches, fine-tuning jobs, assistants, vector stores, ...) moves to the
-# next key only when the provider cannot have acted on it: a refused connection, a 429, a 401.
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_REPLAYABLE_PATHS = frozenset(
-    {
-        "/chat/completions",
-        "/completions",
-        "/embeddings",
-        "/messages",
-        "/messages/count_tokens",
-        "/moderations",
-        "/responses",
-        "/rerank",
-        "/images/generations",
-        "/audio/speech",
-        "/audio/transcriptions",
-        "/audio/translations",
-    }
-)
 _INFO = logging.INFO
 _monotonic = time.monotonic
+_ERROR_CAP = 65536  # error bodies are read (and scrubbed) up to this even when buffer_limit is 0
 
 _UNAUTHORIZED = (
     "missing or invalid virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
 )
-
-# A 403 whose structured error says this: the key itself is bad, revoke it (as a 401).
-_KEY_LEVEL_403 = frozenset(
-    {
-        "invalid_api_key",
-        "invalid_key",
-        "api_key_invalid",
-        "api_key_revoked",
-        "api_key_disabled",
-        "api_key_expired",
-        "key_revoked",
-        "account_deactivated",
-        "account_disabled",
-        "authentication_error",
-    }
-)
-# Masked key quotes as providers write them: "sk-abc1****...****wxyz", "sk-abc...xyz". Each
-# alternative starts at a word boundary and uses possessive quantifiers: linear on any body.
-_MASKED = re.compile(
-    rb"(?<![\w-])(?:[\w-]*+\*{3,}[\w-]*+|[A-Za-z0-9]++[-_][\w-]*+(?:\.{3}|\xe2\x80\xa6)[\w-]++)"
-)
-_REDACTED = b"<redacted>"
-# 2xx JSON bodies up to this are parsed (a few microseconds); larger ones only have their ends
-# checked (O(1)): a float embedding of 30 KB takes ~0.3 ms to parse, too much for the hot path,
-# and truncation, the real failure, shows at the end.
-_JSON_PARSE_LIMIT = 4 * 1024
-_WHITESPACE = b" \t\r\n"
-_OPEN = b"{["
-_CLOSE = b"}]"
-
-
-def _scrub(body: bytes, secret: str) -> bytes:
-    """An upstream error body without the key's value or any masked quote of a key."""
-    raw = secret.encode()
-    if raw and raw in body:
-        body = body.replace(raw, _REDACTED)
-    return _MASKED.sub(_REDACTED, body)
-
-
-def _whole_json(body: bytes) -> bool:
-    """A 2xx JSON body that is one complete object or array (truncation is the real fault)."""
-    if len(body) <= _JSON_PARSE_LIMIT:
-        try:
-            json.loads(body)
-        except (ValueError, RecursionError):
-            return False
-        return True
-    start, end = 0, len(body)
-    while end > start and body[end - 1] in _WHITESPACE:
-        end -= 1
-    while start < end and body[start] in _WHITESPACE:
-        start += 1
-    return end - start >= 2 and body[start] in _OPEN and body[end - 1] in _CLOSE
-
-
-def _key_level(body: bytes) -> bool:
-    """Does a 403 body's structured error (code or type, never the message) blame the key?"""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return False
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if not isinstance(error, dict):
-        return False
-    for field in ("code", "type"):
-        value = error.get(field)
-        if isinstance(value, str) and value.lower() in _KEY_LEVEL_403:
-            return True
-    return False
-
-
-def _decoded(body: bytes, encoding: str | None, cap: int) -> bytes | None:
-    """An error body as plain bytes (identity, gzip or deflate, at most ``cap``), else None."""
-    if not encoding or encoding.lower() == "identity":
-        return body
-    if encoding.lower() not in ("gzip", "x-gzip", "deflate"):
-        return None
-    try:
-        inflater = zlib.decompressobj(wbits=47)  # gzip or zlib, by the header
-        out = inflater.decompress(body, cap)
-    except zlib.error:
-        return None
-    return None if inflater.unconsumed_tail else out
 
 
 class _Failure:
@@ -201,46 +93,59 @@ class _Failure:
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         self.status = status
         self.headers = headers  # ready to send
         self.body = body
 
 
-def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or content_type.endswith("+json")
+class _MoveOn(Exception):
+    """This attempt is over without an answer for the client: ``retry`` says whether the
+    next key may be tried."""
 
-
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
-    """An unsized body, or None as soon as it grows past ``cap`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    content = resp.content
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _own_body(headers: CIMultiDict[str], body: bytes) -> tuple[CIMultiDict[str], bytes]:
-    """Headers for a body the proxy wrote instead of the provider's."""
-    headers.popall("Content-Encoding", None)
-    headers["Content-Type"] = "application/json"
-    return headers, body
+    def __init__(self, failure: _Failure | ProxyError, retry: bool) -> None:
+        self.failure = failure
+        self.retry = retry
 
 
 class _Ctx:
-    """What the access log line and the client metric need to know about one request."""
+    """One request's state across its stages and attempts (the access log reads it too)."""
 
-    __slots__ = ("attempts", "client_gone", "key", "provider")
+    __slots__ = (
+        "attempts",
+        "client_gone",
+        "compiled",
+        "failure",
+        "held",
+        "inbound",
+        "key",
+        "opened",
+        "out",
+        "provider",
+        "route",
+        "started",
+    )
+    compiled: Compiled  # set by the route stage
+    route: Route
 
-    def __init__(self) -> None:
+    def __init__(self, inbound: Inbound, out: Responder, started: float) -> None:
+        self.inbound = inbound
+        self.out = out
+        self.started = started
         self.provider = "-"
         self.key: Key | None = None
         self.attempts = 0
         self.client_gone = False
+        self.failure: _Failure | ProxyError | None = None
+        # A key whose 403 waits for another key's answer to the same request (see above).
+        self.held: Attempt | None = None
+        self.opened: list[Attempt] = []
+
+    def settle_held(self, outcome: Outcome) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            held.release(outcome, "403")
 
 
 def _reason(failure: _Failure | ProxyError | None) -> str:
@@ -252,7 +157,8 @@ def _reason(failure: _Failure | ProxyError | None) -> str:
 
 
 class Forwarder:
-    """Holds what the hot path needs; ``compiled`` is swapped whole by the app on reload."""
+    """Holds what the request path needs; ``compiled`` is swapped whole by the app on reload,
+    ``client`` is the transport's upstream side (set by the app while it runs)."""
 
     def __init__(
         self,
@@ -268,45 +174,65 @@ class Forwarder:
         self.clock = clock
         self.on_transitions = on_transitions
         self.compiled: Compiled | None = None
-        self.session: aiohttp.ClientSession | None = None
-        self._max_body = settings.max_body_size
+        self.client: UpstreamClient | None = None
         self._buffer_limit = settings.buffer_limit
-        self._body_timeout = settings.body_read_timeout
         self._access = settings.access_log
+        self._learners: dict[str, Learn] = {}
 
-    # ------------------------------------------------------------------ entry point
+    # ------------------------------------------------------------------ entry points
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        started = _monotonic()
-        ctx = _Ctx()
-        metrics = self.metrics
-        metrics.inflight.inc()
+    async def handle(self, inbound: Inbound, out: Responder) -> None:
+        """Answer one request (the transport's entry point)."""
+        ctx = _Ctx(inbound, out, _monotonic())
+        self.metrics.inflight.inc()
         status = 499
         try:
             try:
-                response = await self._handle(request, started, ctx)
+                status = await self._handle(ctx)
             except ProxyError as exc:
-                response = exc.response()
-            status = 499 if ctx.client_gone else response.status
-            return response
+                status = await self._refuse(out, exc)
+            except asyncio.CancelledError:
+                ctx.client_gone = True
+                raise
+            if ctx.client_gone:
+                status = 499
         finally:
-            metrics.inflight.dec()
-            metrics.client(ctx.provider, status)
-            if self._access and access_log.isEnabledFor(_INFO):
-                self._log_access(request, status, ctx, started)
+            self.metrics.inflight.dec()
+            self._account(ctx, status)
 
-    def _log_access(self, request: web.Request, status: int, ctx: _Ctx, started: float) -> None:
+    async def refuse(self, inbound: Inbound, out: Responder, error: ProxyError) -> None:
+        """Answer a request the transport could not read (413, 408), logged and counted."""
+        ctx = _Ctx(inbound, out, _monotonic())
+        self._account(ctx, await self._refuse(out, error))
+
+    @staticmethod
+    async def _refuse(out: Responder, error: ProxyError) -> int:
+        if out.started:
+            out.abort()
+            return error.status
+        status, headers, body = error.parts()
+        await out.respond(status, headers, body)
+        return status
+
+    def _account(self, ctx: _Ctx, status: int) -> None:
+        self.metrics.client(ctx.provider, status)
+        if self._access and access_log.isEnabledFor(_INFO):
+            self._log_access(ctx, status)
+
+    @staticmethod
+    def _log_access(ctx: _Ctx, status: int) -> None:
         key = ctx.key
-        ms = round((_monotonic() - started) * 1000.0, 2)
-        path = request.raw_path.partition("?")[0][:512]  # never the query: it may hold tokens
+        inbound = ctx.inbound
+        ms = round((_monotonic() - ctx.started) * 1000.0, 2)
+        path = inbound.path[:512]  # never the query: it may hold tokens
         access_log.info(
             "%s %s %d %.2fms",
-            request.method,
+            inbound.method,
             path,
             status,
             ms,
             extra={
-                "method": request.method,
+                "method": inbound.method,
                 "path": path,
                 "status": status,
                 "provider": ctx.provider,
@@ -317,587 +243,351 @@ class Forwarder:
             },
         )
 
-    async def _handle(self, request: web.Request, started: float, ctx: _Ctx) -> web.StreamResponse:
+    async def _handle(self, ctx: _Ctx) -> int:
+        """Parse and route, authenticate, then the attempts."""
         compiled = self.compiled  # one read: this request sees one table from start to end
         if compiled is None:
             raise NotReady("the proxy has no routing table yet", headers={"Retry-After": "1"})
-        prefix, rest, query = parse_target(request.raw_path)
-        if not compiled.virtual_keys.check(request.headers):
+        inbound = ctx.inbound
+        prefix, rest, query = parse_path(inbound.path, inbound.query)
+        if not compiled.virtual_keys.check(inbound.headers):
             raise Unauthorized(_UNAUTHORIZED)
-        if prefix is None:
-            upstream = compiled.default
-            if upstream is None:
-                raise NotFound("this pool has no default provider", code="unknown_provider")
-        else:
-            found = compiled.upstreams.get(prefix)
-            if found is None:
-                served = ", ".join(sorted(compiled.upstreams))
-                raise NotFound(
-                    f"unknown provider {prefix[:64]!r}: this pool serves {served}",
-                    code="unknown_provider",
-                )
-            upstream = found
+        upstream = upstream_of(compiled, prefix)
         ctx.provider = upstream.provider
-        body = await self._read_body(request)
-        target = upstream.base + rest
-        if query:
-            target += "?" + query
-        terminator: bytes | None = None
-        if rest.endswith(("/chat/completions", "/completions")) and not upstream.anthropic:
-            terminator = b"[DONE]"
-        elif upstream.anthropic and rest.endswith("/messages"):
-            terminator = b"message_stop"
-        replayable = request.method in _SAFE_METHODS or rest in _REPLAYABLE_PATHS
-        return await self._forward(
-            request,
-            compiled,
-            upstream,
-            URL(target, encoded=True),
-            body,
-            started,
-            ctx,
-            terminator,
-            replayable,
-        )
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        if not request.body_exists:
-            return b""
-        limit = self._max_body
-        length = request.content_length
-        if length is not None and length > limit:
-            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
-        try:
-            async with asyncio.timeout(self._body_timeout):
-                body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(f"request body is over the {limit}-byte limit") from None
-        except TimeoutError:
-            # A slow (or slowloris) client: answer, then close; the rest of its body is not read.
-            raise RequestTimeout(
-                f"the request body did not arrive within {self._body_timeout:g}s",
-                headers={"Connection": "close"},
-            ) from None
-        if body and request.method in _BODY_METHODS:
-            ctype = request.content_type
-            if (ctype == "application/json" or ctype.endswith("+json")) and (
-                "Content-Encoding" not in request.headers
-            ):
-                try:
-                    json.loads(body)  # validity only: the bytes go upstream untouched
-                except (ValueError, RecursionError):
-                    raise BadRequest(
-                        "request body is not valid JSON", code="invalid_json"
-                    ) from None
-        return body
+        ctx.compiled = compiled
+        ctx.route = resolve(inbound, upstream, rest, query)
+        return await self._attempts(ctx)
 
     # ------------------------------------------------------------------ attempts
 
-    # One function on purpose: this is the hot path, and every call layer costs microseconds.
-    async def _forward(  # noqa: PLR0915, PLR0917
-        self,
-        request: web.Request,
-        compiled: Compiled,
-        upstream: Upstream,
-        url: URL,
-        body: bytes,
-        started: float,
-        ctx: _Ctx,
-        terminator: bytes | None,
-        replayable: bool,
-    ) -> web.StreamResponse:
-        session = self.session
-        if session is None:
-            raise NotReady("the proxy is starting or stopping")
-        pool = self.pool
-        clock = self.clock
-        metrics = self.metrics
-        provider = upstream.provider
-        method = request.method
-        incoming = request.headers
-        data = body or None
-        retry_deadline = started + compiled.retry_budget
-        max_attempts = compiled.max_attempts
-        cap = self._buffer_limit
-        error_cap = max(cap, 65536)  # error bodies are read (and scrubbed) even when cap is 0
-        tried: list[str] = []
-        failure: _Failure | ProxyError | None = None
-        # A key whose 403 waits for another key's answer to the same request (see the docstring).
-        held: Key | None = None
-
+    async def _attempts(self, ctx: _Ctx) -> int:
+        provider = ctx.provider
         try:
-            for attempt in range(max_attempts):
-                timeout = compiled.timeout
-                if attempt:
-                    now_mono = _monotonic()
-                    remaining = retry_deadline - now_mono
-                    if remaining <= 0:
-                        break
-                    timeout = aiohttp.ClientTimeout(
-                        total=max(0.001, compiled.total - (now_mono - started)),
-                        connect=compiled.connect,
-                        sock_connect=compiled.connect,
-                        sock_read=min(compiled.first_byte, remaining),
-                    )
-                key = pool.acquire(provider, clock(), tried)
+            for n in range(ctx.compiled.max_attempts):
+                first_byte = self._first_byte(ctx, n)
+                if first_byte is None:
+                    break
+                key = self.pool.acquire(provider, self.clock(), [a.key.name for a in ctx.opened])
                 if key is None:
                     break
-                if attempt:
-                    metrics.retry(provider, _reason(failure))
-                tried.append(key.name)
-                ctx.key = key
-                ctx.attempts = attempt + 1
-                headers = request_headers(
-                    incoming, upstream.auth_name, upstream.auth_prefix + key.secret
-                )
-                sent = _monotonic()
+                if n:
+                    self.metrics.retry(provider, _reason(ctx.failure))
+                attempt = Attempt(key, self._learner(provider))
+                ctx.opened.append(attempt)
+                ctx.key, ctx.attempts = key, n + 1
                 try:
-                    resp = await session.request(
-                        method,
-                        url,
-                        data=data,
-                        headers=headers,
-                        timeout=timeout,
-                        allow_redirects=False,
-                    )
-                except asyncio.CancelledError:
-                    self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
-                    ctx.client_gone = True
-                    raise
-                except TimeoutError:
-                    self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
-                    failure = UpstreamTimeout(f"provider {provider} did not answer in time")
-                    if not replayable:
+                    return await self._attempt(attempt, ctx, first_byte)
+                except _MoveOn as move:
+                    ctx.failure = move.failure
+                    if not move.retry:
                         break
-                    continue
-                except aiohttp.ClientError as exc:
-                    self._release(key, Outcome.CONNECT_ERROR, None, provider, "error")
-                    failure = UpstreamUnreachable(
-                        f"provider {provider} is unreachable ({type(exc).__name__})"
-                    )
-                    if not replayable and not isinstance(exc, aiohttp.ClientConnectorError):
-                        break  # the request may have reached the provider
-                    continue
-                except BaseException:
-                    self._release(key, Outcome.CANCELLED, None, provider, "error")
-                    raise
-
-                status = resp.status
-                # A 403 is judged below (key-level code, or another key's answer).
-                outcome = Outcome.from_status(status) if status != 403 else Outcome.OK
-                retry = status == 401 or (
-                    outcome in _RETRY_OUTCOMES and (replayable or status == 429)
-                )
-                error = status >= 400
-                sse = resp.content_type == "text/event-stream"
-                length = resp.content_length
-                if (not error and (length is None or length > cap or sse)) or (
-                    error and sse and not retry and status != 403
-                ):
-                    if held is not None:
-                        # Another key served what ``held`` refused: that 403 was about the key.
-                        self._release(held, Outcome.FORBIDDEN, None, provider, "403")
-                        held = None
-                    return await self._stream(
-                        request,
-                        resp,
-                        key,
-                        outcome,
-                        compiled,
-                        upstream,
-                        started,
-                        sent,
-                        ctx,
-                        terminator if status == 200 and sse else None,
-                    )
-
-                # Read whole: nothing has reached the client, so a broken body is still
-                # retryable. Error bodies are read up to the buffer limit, however they come.
-                try:
-                    limit = error_cap if error else cap
-                    if length is not None and length > limit:
-                        payload = None
-                    elif length is not None:
-                        payload = await resp.read()
-                    else:
-                        payload = await _read_capped(resp, limit)
-                except asyncio.CancelledError:
-                    resp.close()
-                    self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
-                    ctx.client_gone = True
-                    raise
-                except TimeoutError:
-                    resp.close()
-                    self._release(key, Outcome.TIMEOUT, None, provider, "timeout")
-                    failure = UpstreamTimeout(f"provider {provider} stopped sending the response")
-                    if not replayable:
-                        break
-                    continue
-                except aiohttp.ClientError as exc:
-                    resp.close()
-                    self._release(key, Outcome.SERVER_ERROR, None, provider, "error")
-                    failure = UpstreamUnreachable(
-                        f"provider {provider} broke off the response ({type(exc).__name__})"
-                    )
-                    if not replayable:
-                        break
-                    continue
-                except BaseException:
-                    resp.close()
-                    self._release(key, Outcome.CANCELLED, None, provider, "error")
-                    raise
-                if payload is None:
-                    resp.close()
-                else:
-                    resp.release()
-                metrics.latency(provider, _monotonic() - sent)
-
-                if not error:
-                    if (
-                        payload
-                        and method != "HEAD"
-                        and _is_json(resp.content_type)
-                        and "Content-Encoding" not in resp.headers
-                        and not _whole_json(payload)
-                    ):
-                        self._release(key, Outcome.SERVER_ERROR, None, provider, "invalid_json")
-                        failure = UpstreamInvalid(
-                            f"provider {provider} answered {status} with a broken JSON body"
-                        )
-                        if not replayable:
-                            break
-                        continue
-                    self._release(key, outcome, resp.headers, provider, str(status))
-                    if held is not None:
-                        self._release(held, Outcome.FORBIDDEN, None, provider, "403")
-                        held = None
-                    metrics.ttfb(provider, _monotonic() - started)
-                    return web.Response(
-                        status=status,
-                        reason=resp.reason,
-                        body=payload,
-                        headers=response_headers(resp.headers),
-                    )
-
-                # An error answer: make the body safe to show, then decide.
-                out_headers = response_headers(resp.headers)
-                plain = (
-                    None
-                    if payload is None
-                    else _decoded(payload, resp.headers.get("Content-Encoding"), error_cap)
-                )
-                if status == 401 or (status == 403 and plain is not None and _key_level(plain)):
-                    outcome, retry = Outcome.UNAUTHORIZED, True
-                    out_headers, shown = _own_body(
-                        out_headers,
-                        error_body(
-                            f"provider {provider} rejected a key of this pool (HTTP {status}); "
-                            "that key is out of rotation until its Secret or PoolKey changes, "
-                            "and no other key could answer",
-                            "authentication_error",
-                            "upstream_key_rejected",
-                        ),
-                    )
-                elif plain is None:
-                    why = "too large" if payload is None else "encoded"
-                    out_headers, shown = _own_body(
-                        out_headers,
-                        error_body(
-                            f"provider {provider} answered HTTP {status} (its error body is "
-                            f"{why} to show)",
-                            "proxy_error" if status >= 500 else "invalid_request_error",
-                            "upstream_error",
-                        ),
-                    )
-                else:
-                    shown = _scrub(plain, key.secret)
-                    if plain is not payload:
-                        out_headers.popall("Content-Encoding", None)
-
-                if status == 403 and not retry:
-                    if held is None and attempt + 1 < max_attempts:
-                        # Ask another key before blaming this one; released when that answers.
-                        held = key
-                        failure = _Failure(status, out_headers, shown)
-                        continue
-                    # The same request refused twice (or no one left to ask): the request's
-                    # fault, nothing learnt about either key.
-                    self._release(key, Outcome.OK, None, provider, "403")
-                    if held is not None:
-                        self._release(held, Outcome.OK, None, provider, "403")
-                        held = None
-                    return web.Response(status=status, body=shown, headers=out_headers)
-
-                self._release(key, outcome, resp.headers, provider, str(status))
-                if retry:
-                    failure = _Failure(status, out_headers, shown)
-                    continue
-                if held is not None:
-                    # A 4xx from another key: it does not show the first key was at fault.
-                    self._release(held, Outcome.OK, None, provider, "403")
-                    held = None
-                metrics.ttfb(provider, _monotonic() - started)
-                return web.Response(
-                    status=status, reason=resp.reason, body=shown, headers=out_headers
-                )
-        except BaseException:
-            if held is not None:
-                self._release(held, Outcome.CANCELLED, None, provider, "cancelled")
-                held = None
+        except BaseException as exc:
+            label = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+            for attempt in ctx.opened:
+                attempt.abandon(label)
             raise
-        if held is not None:
-            # Nobody else could answer: the 403 is replayed, the key learns nothing.
-            self._release(held, Outcome.OK, None, provider, "403")
-        return self._spent(failure, provider, compiled)
+        # Nobody else could answer a held 403: it is replayed, the key learns nothing.
+        ctx.settle_held(Outcome.OK)
+        return await self._spent(ctx)
 
-    def _spent(
-        self, failure: _Failure | ProxyError | None, provider: str, compiled: Compiled
-    ) -> web.Response:
+    @staticmethod
+    def _first_byte(ctx: _Ctx, n: int) -> float | None:
+        """How long attempt ``n`` may wait for its first byte (None: the budget is spent)."""
+        compiled = ctx.compiled
+        if not n:
+            return min(compiled.first_byte, compiled.retry_budget)
+        remaining = ctx.started + compiled.retry_budget - _monotonic()
+        return min(compiled.first_byte, remaining) if remaining > 0 else None
+
+    async def _attempt(self, attempt: Attempt, ctx: _Ctx, first_byte: float) -> int:
+        """One key: send, then stream, or read whole and judge."""
+        sent = _monotonic()
+        resp = await self._send(attempt, ctx, first_byte)
+        status = resp.status
+        outcome, retry = judge(status, ctx.route.replayable)
+        error = status >= 400
+        cap = _ERROR_CAP if error else self._buffer_limit
+        length = resp.content_length
+        if not error and (
+            length is None or length > cap or resp.content_type == "text/event-stream"
+        ):
+            # Another key served what a held key refused: that 403 was about the key.
+            ctx.settle_held(Outcome.FORBIDDEN)
+            return await self._stream(attempt, resp, outcome, sent, ctx)
+        # Error bodies (SSE ones too) are read whole, so they can be scrubbed and judged.
+        payload = await self._read(attempt, resp, cap, ctx)
+        self.metrics.latency(ctx.provider, _monotonic() - sent)
+        if not error:
+            return await self._success(attempt, resp, payload, outcome, ctx)
+        return await self._error(attempt, resp, payload, (outcome, retry), ctx)
+
+    async def _send(self, attempt: Attempt, ctx: _Ctx, first_byte: float) -> UpstreamResponse:
+        client = self.client
+        if client is None:
+            raise NotReady("the proxy is starting or stopping")
+        route, compiled, inbound = ctx.route, ctx.compiled, ctx.inbound
+        upstream = route.upstream
+        secret = upstream.auth_prefix + attempt.key.secret.encode()
+        failure: ProxyError
+        try:
+            return await client.send(
+                inbound.method,
+                route.url,
+                request_headers(inbound.headers.raw, upstream.auth_name, secret),
+                inbound.body,
+                connect_timeout=compiled.connect,
+                first_byte_timeout=first_byte,
+                total_timeout=max(0.001, compiled.total - (_monotonic() - ctx.started)),
+            )
+        except UpstreamTimedOut:
+            attempt.release(Outcome.TIMEOUT, "timeout")
+            failure = UpstreamTimeout(f"provider {ctx.provider} did not answer in time")
+            raise _MoveOn(failure, route.replayable) from None
+        except ConnectFailed as exc:
+            attempt.release(Outcome.CONNECT_ERROR, "error")
+            failure = UpstreamUnreachable(f"provider {ctx.provider} is unreachable ({exc})")
+            raise _MoveOn(failure, True) from None  # the provider cannot have seen it
+        except UpstreamBroken as exc:
+            attempt.release(Outcome.CONNECT_ERROR, "error")
+            failure = UpstreamUnreachable(f"provider {ctx.provider} is unreachable ({exc})")
+            raise _MoveOn(failure, route.replayable) from None
+
+    @staticmethod
+    async def _read(attempt: Attempt, resp: UpstreamResponse, cap: int, ctx: _Ctx) -> bytes | None:
+        """The whole body (None: over ``cap``). Nothing has reached the client, so a body that
+        breaks off is still retryable."""
+        failure: ProxyError
+        try:
+            payload = await resp.read(cap)
+        except UpstreamTimedOut:
+            resp.close()
+            attempt.release(Outcome.TIMEOUT, "timeout")
+            failure = UpstreamTimeout(f"provider {ctx.provider} stopped sending the response")
+            raise _MoveOn(failure, ctx.route.replayable) from None
+        except UpstreamBroken as exc:
+            resp.close()
+            attempt.release(Outcome.SERVER_ERROR, "error")
+            failure = UpstreamUnreachable(f"provider {ctx.provider} broke off the response ({exc})")
+            raise _MoveOn(failure, ctx.route.replayable) from None
+        except BaseException:
+            resp.close()
+            raise
+        if payload is None:
+            resp.close()
+        else:
+            resp.release()
+        return payload
+
+    async def _success(
+        self,
+        attempt: Attempt,
+        resp: UpstreamResponse,
+        payload: bytes | None,
+        outcome: Outcome,
+        ctx: _Ctx,
+    ) -> int:
+        if (
+            payload
+            and is_json(resp.content_type)
+            and "content-encoding" not in resp.headers
+            and not whole_json(payload)
+        ):
+            attempt.release(Outcome.SERVER_ERROR, "invalid_json")
+            failure = UpstreamInvalid(
+                f"provider {ctx.provider} answered {resp.status} with a broken JSON body"
+            )
+            raise _MoveOn(failure, ctx.route.replayable)
+        attempt.release(outcome, str(resp.status), resp.headers)
+        ctx.settle_held(Outcome.FORBIDDEN)
+        self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
+        await ctx.out.respond(resp.status, response_headers(resp.raw_headers), payload or b"")
+        return resp.status
+
+    async def _error(
+        self,
+        attempt: Attempt,
+        resp: UpstreamResponse,
+        payload: bytes | None,
+        judged: tuple[Outcome, bool],
+        ctx: _Ctx,
+    ) -> int:
+        status = resp.status
+        outcome, retry = judged
+        headers, shown, key_bad = _safe_error(attempt, resp, payload, ctx.provider)
+        if key_bad:
+            outcome, retry = Outcome.UNAUTHORIZED, True
+        elif status == 403:
+            if ctx.held is None and len(ctx.opened) < ctx.compiled.max_attempts:
+                # Ask another key before blaming this one; released when that one answers.
+                ctx.held = attempt
+                raise _MoveOn(_Failure(status, headers, shown), True)
+            # The same request refused twice (or no one left to ask): the request's fault,
+            # nothing learnt about either key.
+            outcome = Outcome.OK
+        attempt.release(outcome, str(status), resp.headers)
+        if retry:
+            raise _MoveOn(_Failure(status, headers, shown), True)
+        # A 4xx from another key does not show that a held key was at fault.
+        ctx.settle_held(Outcome.OK)
+        self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
+        await ctx.out.respond(status, headers, shown)
+        return status
+
+    async def _spent(self, ctx: _Ctx) -> int:
+        """Every attempt is spent: replay the last answer, or say why there was none."""
+        failure, provider = ctx.failure, ctx.provider
         if isinstance(failure, _Failure):
             headers = failure.headers
             if failure.status == 429:
-                headers["Retry-After"] = str(self._retry_after(provider, compiled))
-            return web.Response(status=failure.status, body=failure.body, headers=headers)
+                headers = _retry_headers(headers, self._retry_after(ctx))
+            await ctx.out.respond(failure.status, headers, failure.body)
+            return failure.status
         if failure is not None:
             raise failure
         self.metrics.no_key(provider)
-        seconds = self._retry_after(provider, compiled)
+        seconds = self._retry_after(ctx)
         raise NoKeyAvailable(
             f"no key of provider {provider} is available: every key is cooling down or out of "
             f"rotation; retry after {seconds}s",
-            headers={"Retry-After": str(seconds)},
+            headers={"Retry-After": str(seconds), "retry-after-ms": str(seconds * 1000)},
         )
 
-    def _retry_after(self, provider: str, compiled: Compiled) -> int:
+    def _retry_after(self, ctx: _Ctx) -> int:
         now = self.clock()
-        recovery = self.pool.next_recovery(provider, now)
+        recovery = self.pool.next_recovery(ctx.provider, now)
         if recovery is None:  # no key will recover by itself (all revoked, or none)
-            return max(1, math.ceil(compiled.policy.default_cooldown))
+            return max(1, math.ceil(ctx.compiled.policy.default_cooldown))
         return max(1, math.ceil(recovery - now))
 
     # ------------------------------------------------------------------ streaming
 
-    async def _stream(  # noqa: PLR0915, PLR0917 - hot path, see _forward
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        key: Key,
-        outcome: Outcome,
-        compiled: Compiled,
-        upstream: Upstream,
-        started: float,
-        sent: float,
-        ctx: _Ctx,
-        terminator: bytes | None,
-    ) -> web.StreamResponse:
-        """Pass the body through chunk by chunk. ``terminator``: the final event an SSE stream
-        must end with (``[DONE]``, ``message_stop``), or None when there is none to check."""
-        provider = upstream.provider
-        metrics = self.metrics
-        out = web.StreamResponse(
-            status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
-        )
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
-        connection = resp.connection
-        if connection is not None and connection.protocol is not None:
-            # Longest silence between chunks from now on (restart the timer with the new value).
-            protocol = connection.protocol
-            protocol.read_timeout = compiled.idle_stream
-            if not protocol._reading_paused:  # paused: aiohttp restarts it on resume
-                protocol.start_timeout()
-        content = resp.content
-        broke: BaseException | None = None
-        client_gone = False
-        first = True
-        tail = prev = b""
+    async def _stream(
+        self, attempt: Attempt, resp: UpstreamResponse, outcome: Outcome, sent: float, ctx: _Ctx
+    ) -> int:
+        provider, out = ctx.provider, ctx.out
         try:
-            try:
-                await out.prepare(request)
-            except ConnectionError:
-                client_gone = True
-            while not client_gone:
-                try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    broke = exc
-                    break
-                if not chunk:
-                    break
-                try:
-                    await out.write(chunk)
-                except ConnectionError:
-                    client_gone = True
-                    break
-                if first:
-                    first = False
-                    metrics.ttfb(provider, _monotonic() - started)
-                prev, tail = tail, chunk
-        except BaseException as exc:  # CancelledError: the client went away
+            seen = await relay(resp, out, ctx.compiled.idle_stream)
+        except BaseException:
             resp.close()
-            self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
-            ctx.client_gone = isinstance(exc, asyncio.CancelledError)
             raise
-        metrics.latency(provider, _monotonic() - sent)
-        if client_gone:
+        self.metrics.latency(provider, _monotonic() - sent)
+        if seen.first_at is not None:
+            self.metrics.ttfb(provider, seen.first_at - ctx.started)
+        if seen.client_gone:
             resp.close()
-            self._release(key, Outcome.CANCELLED, None, provider, "cancelled")
+            attempt.abandon()
             ctx.client_gone = True
-            return out
-        if broke is not None:
+            return 499
+        anthropic = ctx.route.upstream.anthropic
+        if seen.broke or seen.timed_out:
             resp.close()
-            timed_out = isinstance(broke, TimeoutError)
-            self._release(
-                key,
-                Outcome.TIMEOUT if timed_out else Outcome.SERVER_ERROR,
-                None,
-                provider,
-                "timeout" if timed_out else "error",
+            attempt.release(
+                Outcome.TIMEOUT if seen.timed_out else Outcome.SERVER_ERROR,
+                "timeout" if seen.timed_out else "error",
             )
-            log.warning(
-                "stream from provider %s via key %s (%s) broke off: %s",
-                provider,
-                key.name,
-                key.fingerprint,
-                "idle timeout" if timed_out else type(broke).__name__,
-            )
-            await self._end_broken_stream(
-                request=request,
-                out=out,
-                resp=resp,
-                upstream=upstream,
-                tail=tail,
-                timed_out=timed_out,
-            )
-            return out
-        if terminator is not None:
-            window = tail[-512:] if len(tail) >= 512 else prev[-512:] + tail
-            if terminator not in window:
-                # Ended cleanly but short of its final event: a failure of the key, and the
-                # client must not take it for a whole answer. If the provider's own error event
-                # is what ended it, that says enough; otherwise the proxy adds one.
-                resp.release()
-                self._release(key, Outcome.SERVER_ERROR, None, provider, "incomplete")
-                log.warning(
-                    "stream from provider %s via key %s (%s) ended without its final event",
-                    provider,
-                    key.name,
-                    key.fingerprint,
-                )
-                if b'"error":' not in window and b"event: error" not in window:
-                    await self._end_broken_stream(
-                        request=request,
-                        out=out,
-                        resp=resp,
-                        upstream=upstream,
-                        tail=tail,
-                        timed_out=False,
-                        incomplete=True,
-                    )
-                return out
+            _warn(attempt.key, provider, "idle timeout" if seen.timed_out else "broke off")
+            await end_broken(out, resp, seen, anthropic=anthropic)
+            return resp.status
         resp.release()
-        self._release(key, outcome, resp.headers, provider, str(resp.status))
-        return out
-
-    async def _end_broken_stream(
-        self,
-        *,
-        request: web.Request,
-        out: web.StreamResponse,
-        resp: aiohttp.ClientResponse,
-        upstream: Upstream,
-        tail: bytes,
-        timed_out: bool,
-        incomplete: bool = False,
-    ) -> None:
-        """SSE: a final error event, then a clean end. Anything else: abort the connection so
-        the client cannot mistake a truncated body for a complete one."""
-        if resp.content_type != "text/event-stream":
-            transport = request.transport
-            if transport is not None:
-                transport.abort()
-            return
-        if incomplete:
-            message = "upstream stream ended before its final event"
-            code = "upstream_stream_incomplete"
-        elif timed_out:
-            message, code = "upstream stream timed out", "upstream_timeout"
+        terminator = ctx.route.terminator if resp.status == 200 else None
+        if missing_final_event(seen, terminator) and resp.content_type == "text/event-stream":
+            # Ended cleanly but short of its final event: a failure of the key, and the client
+            # must not take it for a whole answer. If the provider's own error event ended it,
+            # that says enough; otherwise the proxy adds one.
+            attempt.release(Outcome.SERVER_ERROR, "incomplete")
+            _warn(attempt.key, provider, "ended without its final event")
+            window = seen.window
+            if b'"error":' not in window and b"event: error" not in window:
+                await end_broken(out, resp, seen, anthropic=anthropic)
+                return resp.status
         else:
-            message, code = "upstream stream broke off", "upstream_stream_error"
-        if upstream.anthropic:
-            frame = (
-                b"event: error\ndata: "
-                + json.dumps(
-                    {"type": "error", "error": {"type": "api_error", "message": message}}
-                ).encode()
-            )
-        else:
-            frame = (
-                b"data: "
-                + json.dumps(
-                    {"error": {"message": message, "type": "proxy_error", "code": code}}
-                ).encode()
-            )
-        prefix = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
-        try:
-            await out.write(prefix + frame + b"\n\n")
-            await out.write_eof()
-        except ConnectionError:
-            pass
+            attempt.release(outcome, str(resp.status), resp.headers)
+        await out.finish()
+        return resp.status
 
     # ------------------------------------------------------------------ learning
 
-    def _release(
-        self,
-        key: Key,
-        outcome: Outcome,
-        headers: CIMultiDictProxy[str] | None,
-        provider: str,
-        label: str,
-    ) -> None:
-        self.metrics.upstream(key.name, provider, label)
-        transitions = self.pool.release(key, outcome, self.clock(), headers)
-        if transitions:
-            self.report(transitions)
+    def _learner(
+        self, provider: str
+    ) -> Callable[[Key, Outcome, Mapping[str, str] | None, str], None]:
+        def learn(
+            key: Key, outcome: Outcome, headers: Mapping[str, str] | None, label: str
+        ) -> None:
+            self.metrics.upstream(key.name, provider, label)
+            transitions = self.pool.release(key, outcome, self.clock(), headers)
+            if transitions:
+                self.report(transitions)
+
+        return learn
 
     def report(self, transitions: list[Transition]) -> None:
         self.metrics.transitions(transitions)
         now = self.clock()
         for t in transitions:
-            if t.until is not None:
-                log.info(
-                    "key %s (%s) is %s: %s, for %.1fs",
-                    t.name,
-                    t.fingerprint,
-                    t.health,
-                    t.reason,
-                    max(0.0, t.until - now),
-                    extra={
-                        "key": t.name,
-                        "key_fingerprint": t.fingerprint,
-                        "health": str(t.health),
-                        "reason": t.reason,
-                        "until": t.until,
-                    },
-                )
-            else:
-                log.info(
-                    "key %s (%s) is %s: %s",
-                    t.name,
-                    t.fingerprint,
-                    t.health,
-                    t.reason,
-                    extra={
-                        "key": t.name,
-                        "key_fingerprint": t.fingerprint,
-                        "health": str(t.health),
-                        "reason": t.reason,
-                        "until": None,
-                    },
-                )
+            left = f", for {max(0.0, t.until - now):.1f}s" if t.until is not None else ""
+            log.info(
+                "key %s (%s) is %s: %s%s",
+                t.name,
+                t.fingerprint,
+                t.health,
+                t.reason,
+                left,
+                extra={
+                    "key": t.name,
+                    "key_fingerprint": t.fingerprint,
+                    "health": str(t.health),
+                    "reason": t.reason,
+                    "until": t.until,
+                },
+            )
         hook = self.on_transitions
         if hook is not None:
             try:
                 hook(transitions)
             except Exception:
                 log.exception("on_transitions hook failed")
+
+
+def _safe_error(
+    attempt: Attempt, resp: UpstreamResponse, payload: bytes | None, provider: str
+) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:
+    """(headers, a body safe to show, whether it says the key itself is bad)."""
+    status = resp.status
+    headers = response_headers(resp.raw_headers)
+    encoding = resp.headers.get("content-encoding")
+    plain = None if payload is None else decoded(payload, encoding, _ERROR_CAP)
+    if status == 401 or (status == 403 and plain is not None and key_level_403(plain)):
+        body = error_body(
+            f"provider {provider} rejected a key of this pool (HTTP {status}); that key is "
+            "out of rotation until its Secret or PoolKey changes, and no other key could "
+            "answer",
+            "authentication_error",
+            "upstream_key_rejected",
+        )
+        return with_json_body(headers), body, True
+    if plain is None:
+        why = "too large" if payload is None else "encoded"
+        body = error_body(
+            f"provider {provider} answered HTTP {status} (its error body is {why} to show)",
+            "proxy_error" if status >= 500 else "invalid_request_error",
+            "upstream_error",
+        )
+        return with_json_body(headers), body, False
+    if plain is not payload:
+        headers = [(n, v) for n, v in headers if n.lower() != b"content-encoding"]
+    return headers, scrub(plain, attempt.key.secret), False
+
+
+def _retry_headers(headers: list[tuple[bytes, bytes]], seconds: int) -> list[tuple[bytes, bytes]]:
+    """The pool's retry advice in both forms the SDKs read (``retry-after-ms`` first) so they
+    agree; the last provider's own would speak for one key only."""
+    kept = [(n, v) for n, v in headers if n.lower() not in (b"retry-after", b"retry-after-ms")]
+    kept.append((b"Retry-After", str(seconds).encode()))
+    kept.append((b"retry-after-ms", str(seconds * 1000).encode()))
+    return kept
+
+
+def _warn(key: Key, provider: str, what: str) -> None:
+    log.warning(
+        "stream from provider %s via key %s (%s): %s", provider, key.name, key.fingerprint, what
+    )

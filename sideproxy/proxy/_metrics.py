@@ -117,6 +117,7 @@ class Metrics:
         self._retry_children: dict[tuple[str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
+        self._transition_labels: set[tuple[str, str]] = set()
 
     def upstream(self, key: str, provider: str, status: str) -> None:
         labels = (key, provider, status)
@@ -156,10 +157,15 @@ class Metrics:
 
     def transitions(self, transitions: list[Transition]) -> None:
         for t in transitions:
-            self._cooldowns.labels(t.name, t.reason).inc()
+            labels = (t.name, t.reason)
+            self._transition_labels.add(labels)
+            self._cooldowns.labels(*labels).inc()
 
     def forget_keys(self, keep: set[str]) -> None:
         """Drop the per-key series of keys no longer configured (cardinality stays bounded)."""
         for labels in [lbl for lbl in self._upstream_children if lbl[0] not in keep]:
             del self._upstream_children[labels]
             self._upstream.remove(*labels)
+        for pair in [lbl for lbl in self._transition_labels if lbl[0] not in keep]:
+            self._transition_labels.discard(pair)
+            self._cooldowns.remove(*pair)

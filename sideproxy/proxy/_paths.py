@@ -26,7 +26,7 @@ import re
 
 from sideproxy.proxy._errors import BadRequest, NotFound
 
-__all__ = ["parse_target"]
+__all__ = ["parse_path", "parse_target"]
 
 _UNSAFE = re.compile(
     r"""
@@ -53,6 +53,11 @@ def parse_target(raw: str) -> tuple[str | None, str, str]:
     ``[/<provider>]/v1``.
     """
     path, _, query = raw.partition("?")
+    return parse_path(path, query)
+
+
+def parse_path(path: str, query: str) -> tuple[str | None, str, str]:
+    """:func:`parse_target` for a target already split at its ``?``."""
     if not path.startswith("/") or _UNSAFE.search(path) is not None:
         raise BadRequest("request path is not allowed", code="invalid_path")
     if query and _UNSAFE_QUERY.search(query) is not None:

@@ -23,7 +23,7 @@ def build(specs: list[tuple[int, int]]) -> ManagedCreditPool:
 
 
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=10), st.integers(0, 40))
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_any_window_of_sum_weights_picks_honours_weights(weights: list[int], offset: int) -> None:
     pool = ManagedCreditPool(
         [KeyConfig(f"k{i}", "groq", f"sk-{i}", weight=w) for i, w in enumerate(weights)]
@@ -50,7 +50,7 @@ events = st.lists(
 
 
 @given(key_specs, events)
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_never_an_unavailable_key_while_a_healthy_one_exists(
     specs: list[tuple[int, int]], history: list[tuple[int, Outcome, int]]
 ) -> None:
@@ -80,6 +80,7 @@ def test_never_an_unavailable_key_while_a_healthy_one_exists(
 
 
 @given(key_specs)
+@settings(deadline=None)
 def test_tiers_honoured_when_all_healthy(specs: list[tuple[int, int]]) -> None:
     pool = build(specs)
     best = min(t for t, _ in specs)

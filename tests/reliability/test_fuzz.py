@@ -205,7 +205,12 @@ def test_pool_state_after_any_headers_is_bounded(
         if key is None:
             break
         pool.release(key, outcome, now, hdrs)
-    cap = max(policy.max_cooldown, policy.breaker_max_backoff, policy.probe_timeout)
+    cap = max(
+        policy.max_cooldown,
+        policy.breaker_max_backoff,
+        policy.probe_timeout,
+        policy.quota_max_backoff,  # an exhausted key's next probe
+    )
     for status in pool.statuses(now):
         if status.until is not None:
             assert math.isfinite(status.until)
