@@ -313,11 +313,11 @@ class PodCluster(KubeCluster):
         for name in ("kubelet", "kube-proxy", "kube-scheduler"):
             proc = self._node_procs.get(name)
             if proc is not None:
-                proc.stop(grace=5.0)
+                proc.stop(grace=1.0)  # torn down anyway: no need to wait
         _kill(_cgroup_pids(self.cgroup_root))
         containerd = self._node_procs.get("containerd")
         if containerd is not None:
-            containerd.stop(grace=5.0)
+            containerd.stop(grace=1.0)
         super().stop(keep_workdir=True)  # the workdir is ours: removed below, after unmounting
         if self._node_stopped:
             return

@@ -1,4 +1,4 @@
-"""The one-node cluster of the pod tests (tests/kube/node.py), once per session, always torn down.
+"""The one-node cluster of the pod tests (tests/kube/node.py), once for tests/pods, then removed.
 
 It needs the eight Kubernetes binaries of ``make k8s`` (built after collection by
 tests/kube/fixtures.py), the image of this tree (``app_image``, likewise) and the pause image;
@@ -19,7 +19,9 @@ from tests.kube.node import PodCluster
 _NODE = pytest.StashKey[PodCluster]()
 
 
-@pytest.fixture(scope="session")
+# Package scope: the node (about 1.5 GiB and some CPU) goes away as soon as tests/pods is done,
+# instead of weighing on the rest of the suite.
+@pytest.fixture(scope="package")
 def pod_cluster(request: pytest.FixtureRequest, app_image: Image) -> Iterator[PodCluster]:
     error = ""
     cluster: PodCluster | None = None
