@@ -117,8 +117,9 @@ podman save --format docker-archive --output "$archive.part" "$ref" >&2
 mv "$archive.part" "$archive"
 # Keep the cache small: only this image and the base stay in podman's store, and only the
 # newest three archives on disk.
+# (A loop, not xargs: `podman` is the function above, with this script's storage.)
 podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/sideproxy:' |
-    grep -vx "$ref" | xargs -r podman rmi -f >/dev/null 2>&1 || true
+    grep -vx "$ref" | while IFS= read -r old; do podman rmi -f "$old" >/dev/null 2>&1 || true; done
 podman image prune -f >/dev/null 2>&1 || true
 find "$cache" -mindepth 2 -maxdepth 2 -name image.tar -printf '%T@ %h\n' | sort -rn |
     tail -n +4 | cut -d' ' -f2- | xargs -r rm -rf
