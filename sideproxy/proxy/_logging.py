@@ -30,9 +30,33 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and v is not None}
 
 
+class _Stamps:
+    """The formatted second of a timestamp, cached: a busy proxy logs many lines per second,
+    and strftime + localtime/gmtime is the dearest part of formatting one."""
+
+    __slots__ = ("_convert", "_fmt", "_second", "_text")
+
+    def __init__(self, fmt: str, convert: Any) -> None:
+        self._fmt = fmt
+        self._convert = convert
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._text = time.strftime(self._fmt, self._convert(second))
+            self._second = second
+        return self._text
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Stamps("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        stamp = self._stamp(record.created)
         body: dict[str, Any] = {
             "ts": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
