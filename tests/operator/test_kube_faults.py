@@ -10,10 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from sideproxy.models import fingerprint
-from tests.operator.conftest import Cluster, Operator, key_manifest, pool_manifest, secret_manifest
+from tests.operator.conftest import (
+    GROUP,
+    VERSION,
+    Cluster,
+    Operator,
+    key_manifest,
+    pool_manifest,
+    secret_manifest,
+)
 
 pytestmark = pytest.mark.kube
 
@@ -142,3 +151,145 @@ def test_a_deleted_or_edited_routing_configmap_is_repaired_at_once(
     final = cluster.table("p")
     assert final is not None
     assert fingerprint(A) in {k.fingerprint for k in final.keys}
+
+
+def admission_policy(namespace: str, key: str) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy that refuses every status write of one PoolKey (422)."""
+    name = f"deny-status-{namespace}"
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {"apiGroups": ["sideproxy.dev"], "apiVersions": ["v1alpha1"],
+                         "operations": ["UPDATE"], "resources": ["poolkeys/status"]}
+                    ]
+                },
+                "validations": [
+                    {"expression": f"object.metadata.name != '{key}'",
+                     "message": f"status writes of {key} are refused by policy"}
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": namespace}}},
+            },
+        },
+    ]  # fmt: skip
+
+
+def test_a_key_whose_status_cannot_be_written_does_not_freeze_the_pool(
+    kube: Any, cluster: Cluster, operator: Operator
+) -> None:
+    two_key_pool(cluster)
+    cluster.apply(key_manifest("k-bad", "p", "groq", "a", tier=1))  # (a DuplicateKey: Invalid)
+    cluster.wait(lambda: cluster.status("poolkeys", "k-bad").get("phase"), what="k-bad status")
+    policy = admission_policy(cluster.ns, "k-bad")
+    kube.apply(policy)
+    try:
+        # The policy takes effect a moment after it is created: wait until it refuses.
+        def refused() -> bool:
+            probe = cluster.kubectl(
+                "patch", "poolkey", "k-bad", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"message":"probe"}}', check=False,
+            )  # fmt: skip
+            return probe.returncode != 0 and "refused by policy" in probe.stderr
+
+        cluster.wait(refused, timeout=30, what="the admission policy in force")
+        # A change to every key (their generation) and to the table (k-a's weight).
+        cluster.apply(key_manifest("k-a", "p", "groq", "a", weight=5))
+        cluster.apply(key_manifest("k-bad", "p", "groq", "a", tier=2))
+        cond = cluster.wait(
+            lambda: (
+                (c := cluster.condition("creditpools", "p", "KeysWritten"))
+                and c["status"] == "False"
+                and c
+            ),
+            timeout=30,
+            what="KeysWritten=False",
+        )
+        assert cond["reason"] == "StatusWriteFailed"
+        assert "k-bad" in cond["message"]
+        assert "k-a" not in cond["message"]
+        # The other keys and the pool are written regardless.
+        cluster.wait(
+            lambda: cluster.status("poolkeys", "k-a").get("observedGeneration") == 2,
+            what="k-a's status written",
+        )
+        table = cluster.table("p")
+        assert table is not None
+        assert [k.weight for k in table.keys if k.name == "k-a"] == [5]
+        cluster.wait(
+            lambda: cluster.status("creditpools", "p").get("tableVersion") == table.version,
+            what="the pool status follows the table",
+        )
+        # The table version never goes backwards, even with the ConfigMap gone.
+        cluster.kubectl("delete", "configmap", "p-routing")
+        back = cluster.wait(lambda: cluster.table_or_none("p"), timeout=10, what="p-routing back")
+        assert back.version > table.version
+    finally:
+        for doc in reversed(policy):
+            kube.kubectl("delete", doc["kind"].lower(), doc["metadata"]["name"], check=False)
+    cluster.wait(
+        lambda: cluster.condition("creditpools", "p", "KeysWritten").get("status") == "True",
+        timeout=60,
+        what="KeysWritten=True once the policy is gone",
+    )
+    assert cluster.status("poolkeys", "k-bad").get("observedGeneration") == 2
+
+
+def test_deleting_a_pool_of_many_keys_is_one_event_and_paced_writes(
+    cluster: Cluster, operator: Operator, tmp_path: Path
+) -> None:
+    n = 150
+    values = {f"k{i:03d}": f"gsk_{i:03d}_{'x' * 20}" for i in range(n)}
+    docs = [
+        secret_manifest("many", values),
+        pool_manifest("big"),
+        *(key_manifest(f"key-{name}", "big", "many", name) for name in values),
+    ]
+    manifest = tmp_path / "big.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    cluster.kubectl("create", "-f", str(manifest), "--request-timeout=120s")
+
+    def all_phases(phase: str) -> bool:
+        items = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.ns, "poolkeys")
+        return all((i.get("status") or {}).get("phase") == phase for i in items["items"])
+
+    cluster.wait(lambda: all_phases("Ready"), timeout=120, what="every key Ready")
+    key_versions = {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in
+                    cluster.custom.list_namespaced_custom_object(
+                        GROUP, VERSION, cluster.ns, "poolkeys")["items"]}  # fmt: skip
+
+    # Deleted and re-created at once: no key status is written at all.
+    offset = len(operator.text())
+    cluster.kubectl("delete", "creditpool", "big", "--wait=true")
+    cluster.apply(pool_manifest("big"))
+    operator.wait_log(f"pool {cluster.ns}/big: table version", timeout=60, after=offset)
+    now = {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in
+           cluster.custom.list_namespaced_custom_object(
+               GROUP, VERSION, cluster.ns, "poolkeys")["items"]}  # fmt: skip
+    assert now == key_versions
+
+    # Deleted for good: after the grace period the keys turn Invalid, paced, with one Event.
+    cluster.kubectl("delete", "creditpool", "big", "--wait=true")
+    cluster.wait(lambda: all_phases("Invalid"), timeout=120, what="every key Invalid")
+    events = cluster.events()
+    on_pool = [e for e in events if e.involved_object.kind == "CreditPool"
+               and e.reason == "PoolNotFound"]  # fmt: skip
+    on_keys = [e for e in events if e.involved_object.kind == "PoolKey"
+               and e.reason == "PoolNotFound"]  # fmt: skip
+    assert len(on_pool) == 1, [e.message for e in on_pool]
+    assert f"its {n} PoolKey(s) are Invalid" in on_pool[0].message
+    assert on_keys == []
