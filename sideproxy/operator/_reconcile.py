@@ -101,7 +101,6 @@ class Options:
     resync_seconds: float = 300.0
     write_concurrency: int = 16
     table_size_limit: int = TABLE_SIZE_LIMIT
-    report_quiet_seconds: float = 0.02
     # A pool that disappears: wait this long before marking its keys orphaned (a namespace
     # deletion removes them meanwhile; a pool deleted and re-created needs no writes at all),
     # then write at most orphan_rate key statuses per second.
@@ -148,7 +147,6 @@ class Reconciler:
             quiet=self._opt.quiet_seconds,
             max_delay=self._opt.max_delay_seconds,
             resync=self._opt.resync_seconds,
-            urgent_quiet=self._opt.report_quiet_seconds,
             gate=self._leadership.wait_leading,
             clock=clock,
         )
@@ -261,7 +259,9 @@ class Reconciler:
         version = str(meta.get("resourceVersion", ""))
         if not deleted and self._written.get(slot) == version:
             return
-        self.workers.hurry((namespace, pool))
+        # A plain poke: the echo of our own write can arrive before our write's answer (two
+        # connections), and must not cost more than the usual batching.
+        self.workers.poke((namespace, pool))
 
     def resync(self) -> None:
         """Reconcile everything the indices know (start of leadership)."""
@@ -636,7 +636,6 @@ def _facts(
     verdicts: Mapping[str, KeyVerdict],
     written: TableWrite,
     failed: Mapping[str, str],
-    had_failures: bool = True,
 ) -> PoolFacts:
     total, ready, cooling, invalid = count_phases(verdicts)
     usable = sum(
