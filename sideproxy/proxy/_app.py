@@ -222,7 +222,7 @@ class Runtime:
                 hash=table.hash,
                 origin=compiled.snapshot.origin,
                 loaded_at=compiled.loaded_at,
-                default_provider=table.settings.default_provider.value,
+                default_provider=table.settings.default_provider,
                 providers={p: u.base for p, u in sorted(compiled.upstreams.items())},
                 client_auth=compiled.virtual_keys.required,
                 held_back=list(compiled.held_back),

@@ -68,7 +68,7 @@ class Compiled:
         return self.snapshot.table.version
 
 
-def _upstream(provider: str, url: str) -> Upstream:
+def _upstream(provider: str, url: str, kind: Provider) -> Upstream:
     try:
         parsed = URL(url)
     except (ValueError, TypeError):
@@ -79,7 +79,7 @@ def _upstream(provider: str, url: str) -> Upstream:
         raise CompileError(f"base URL of provider {provider!r} must not carry credentials")
     if parsed.query_string or parsed.fragment:
         raise CompileError(f"base URL of provider {provider!r} must not have a query or fragment")
-    anthropic = provider == Provider.ANTHROPIC.value
+    anthropic = kind is Provider.ANTHROPIC
     return Upstream(
         provider=provider,
         base=str(parsed).rstrip("/"),
@@ -89,19 +89,30 @@ def _upstream(provider: str, url: str) -> Upstream:
     )
 
 
+def _kind(types: Mapping[str, Provider], name: str) -> Provider:
+    """An endpoint's provider type: named in the table, or the name itself when it is one."""
+    kind = types.get(name)
+    if kind is not None:
+        return kind
+    return Provider(name) if name in _TYPES else Provider.CUSTOM
+
+
+_TYPES = frozenset(p.value for p in Provider)
+
+
 def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) -> Compiled:
     table = snapshot.table
     material = snapshot.material
     ts = table.settings
 
-    base_urls: dict[str, str] = {p.value: url for p, url in ts.base_urls.items()}
+    base_urls = dict(ts.base_urls)  # endpoint name -> URL; a name that is a type may omit it
     for provider in (ts.default_provider, *(key.provider for key in table.keys)):
-        if provider.value not in base_urls:
-            default = DEFAULT_BASE_URLS.get(provider)
+        if provider not in base_urls:
+            default = DEFAULT_BASE_URLS.get(_kind(ts.types or {}, provider))
             if default is None:
-                raise CompileError(f"provider {provider.value!r} has no base URL")
-            base_urls[provider.value] = default
-    upstreams = {p: _upstream(p, url) for p, url in base_urls.items()}
+                raise CompileError(f"provider {provider!r} has no base URL")
+            base_urls[provider] = default
+    upstreams = {p: _upstream(p, url, _kind(ts.types or {}, p)) for p, url in base_urls.items()}
 
     configs: list[KeyConfig] = []
     cooling: list[tuple[str, float]] = []
@@ -117,7 +128,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         configs.append(
             KeyConfig(
                 name=key.name,
-                provider=key.provider.value,
+                provider=key.provider,
                 secret=secret,
                 tier=key.tier,
                 weight=key.weight,
@@ -143,7 +154,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
     timeouts = ts.timeouts
     return Compiled(
         snapshot=snapshot,
-        default=upstreams.get(ts.default_provider.value),
+        default=upstreams.get(ts.default_provider),
         upstreams=upstreams,
         virtual_keys=virtual,
         policy=PoolPolicy.from_settings(ts),
