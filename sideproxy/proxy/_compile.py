@@ -10,7 +10,7 @@ out of the pool, listed in the status endpoint) rather than failing the whole ta
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -20,12 +20,14 @@ from sideproxy.models import (
     VIRTUAL_KEYS_DATA_KEY,
     KeyState,
     Provider,
+    TableRoute,
     fingerprint,
 )
 from sideproxy.pool import KeyConfig, PoolPolicy
 from sideproxy.proxy._auth import VirtualKeys, parse_virtual_keys
 from sideproxy.proxy._headers import AUTHORIZATION, X_API_KEY
 from sideproxy.proxy._settings import ProxySettings
+from sideproxy.proxy._targets import Routes, TargetError, compile_routes
 from sideproxy.proxy.sources import Snapshot
 
 __all__ = ["CompileError", "Compiled", "Upstream", "compile_snapshot"]
@@ -62,6 +64,7 @@ class Compiled:
     connect: float
     total: float
     loaded_at: float
+    routes: Routes  # route model -> its targets (issue 13); empty: no routes
 
     @property
     def version(self) -> int:
@@ -169,4 +172,12 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         connect=timeouts.connect_seconds,
         total=timeouts.total_seconds,
         loaded_at=now,
+        routes=_routes(table.routes or (), upstreams),
     )
+
+
+def _routes(routes: Iterable[TableRoute], upstreams: Mapping[str, Upstream]) -> Routes:
+    try:
+        return compile_routes(routes, upstreams)
+    except TargetError as exc:
+        raise CompileError(str(exc)) from None

@@ -65,7 +65,8 @@ from sideproxy.proxy._exchange import (
 from sideproxy.proxy._headers import request_headers, response_headers, with_json_body
 from sideproxy.proxy._paths import parse_path
 from sideproxy.proxy._relay import end_broken, missing_final_event, relay
-from sideproxy.proxy._route import Route, resolve, upstream_of
+from sideproxy.proxy._route import Route, anthropic_shaped, resolve, upstream_of
+from sideproxy.proxy._routed import Routed
 
 if TYPE_CHECKING:
     from sideproxy.proxy._compile import Compiled
@@ -123,6 +124,7 @@ class _Ctx:
         "out",
         "provider",
         "route",
+        "routed",
         "started",
     )
     compiled: Compiled  # set by the route stage
@@ -140,6 +142,7 @@ class _Ctx:
         # A key whose 403 waits for another key's answer to the same request (see above).
         self.held: Attempt | None = None
         self.opened: list[Attempt] = []
+        self.routed: Routed | None = None  # the request's model names a route (issue 13)
 
     def settle_held(self, outcome: Outcome) -> None:
         held = self.held
@@ -216,6 +219,9 @@ class Forwarder:
 
     def _account(self, ctx: _Ctx, status: int) -> None:
         self.metrics.client(ctx.provider, status)
+        routed = ctx.routed
+        if routed is not None:
+            self.metrics.route(routed.model, routed.label, status)
         if self._access and access_log.isEnabledFor(_INFO):
             self._log_access(ctx, status)
 
@@ -239,6 +245,7 @@ class Forwarder:
                 "key": key.name if key is not None else None,
                 "key_fingerprint": key.fingerprint if key is not None else None,
                 "attempts": ctx.attempts,
+                "route_target": ctx.routed.label if ctx.routed is not None else None,
                 "duration_ms": ms,
             },
         )
@@ -256,6 +263,11 @@ class Forwarder:
         ctx.provider = upstream.provider
         ctx.compiled = compiled
         ctx.route = resolve(inbound, upstream, rest, query)
+        if prefix is None and compiled.routes:  # /<provider>/v1/... names its provider
+            plan = compiled.routes.plan(ctx.route.model, anthropic_shaped(rest))
+            if plan is not None:
+                ctx.routed = routed = Routed(plan, ctx.route, inbound, ctx.out, (rest, query))
+                ctx.out, ctx.provider = routed.out, routed.provider
         return await self._attempts(ctx)
 
     # ------------------------------------------------------------------ attempts
@@ -267,12 +279,14 @@ class Forwarder:
                 first_byte = self._first_byte(ctx, n)
                 if first_byte is None:
                     break
-                key = self.pool.acquire(provider, self.clock(), [a.key.name for a in ctx.opened])
+                key = self._acquire(ctx)
                 if key is None:
                     break
+                provider = ctx.provider  # a route target may have changed it
                 if n:
                     self.metrics.retry(provider, _reason(ctx.failure))
-                attempt = Attempt(key, self._learner(provider))
+                model = ctx.route.model if ctx.routed is not None else None
+                attempt = Attempt(key, self._learner(provider, model))
                 ctx.opened.append(attempt)
                 ctx.key, ctx.attempts = key, n + 1
                 try:
@@ -289,6 +303,17 @@ class Forwarder:
         # Nobody else could answer a held 403: it is replayed, the key learns nothing.
         ctx.settle_held(Outcome.OK)
         return await self._spent(ctx)
+
+    def _acquire(self, ctx: _Ctx) -> Key | None:
+        """The next attempt's key: the provider's, or a route target's (``_targets``)."""
+        tried = [a.key.name for a in ctx.opened]
+        routed = ctx.routed
+        if routed is None:
+            return self.pool.acquire(ctx.provider, self.clock(), tried)
+        key = routed.acquire(self.pool, self.clock(), tried)
+        if key is not None:
+            ctx.route, ctx.provider = routed.route, routed.provider
+        return key
 
     @staticmethod
     def _first_byte(ctx: _Ctx, n: int) -> float | None:
@@ -334,7 +359,7 @@ class Forwarder:
                 inbound.method,
                 route.url,
                 request_headers(inbound.headers.raw, upstream.auth_name, secret),
-                inbound.body,
+                route.body,
                 connect_timeout=compiled.connect,
                 first_byte_timeout=first_byte,
                 total_timeout=max(0.001, compiled.total - (_monotonic() - ctx.started)),
@@ -446,15 +471,21 @@ class Forwarder:
             raise failure
         self.metrics.no_key(provider)
         seconds = self._retry_after(ctx)
+        routed = ctx.routed
+        what = f"provider {provider}" if routed is None else f"any target of route {routed.model}"
         raise NoKeyAvailable(
-            f"no key of provider {provider} is available: every key is cooling down or out of "
+            f"no key of {what} is available: every key is cooling down or out of "
             f"rotation; retry after {seconds}s",
             headers={"Retry-After": str(seconds), "retry-after-ms": str(seconds * 1000)},
         )
 
     def _retry_after(self, ctx: _Ctx) -> int:
         now = self.clock()
-        recovery = self.pool.next_recovery(ctx.provider, now)
+        routed = ctx.routed
+        if routed is None:
+            recovery = self.pool.next_recovery(ctx.provider, now)
+        else:
+            recovery = routed.plan.next_recovery(self.pool, now)
         if recovery is None:  # no key will recover by itself (all revoked, or none)
             return max(1, math.ceil(ctx.compiled.policy.default_cooldown))
         return max(1, math.ceil(recovery - now))
@@ -508,13 +539,13 @@ class Forwarder:
     # ------------------------------------------------------------------ learning
 
     def _learner(
-        self, provider: str
+        self, provider: str, model: str | None = None
     ) -> Callable[[Key, Outcome, Mapping[str, str] | None, str], None]:
         def learn(
             key: Key, outcome: Outcome, headers: Mapping[str, str] | None, label: str
         ) -> None:
             self.metrics.upstream(key.name, provider, label)
-            transitions = self.pool.release(key, outcome, self.clock(), headers)
+            transitions = self.pool.release(key, outcome, self.clock(), headers, model=model)
             if transitions:
                 self.report(transitions)
 

@@ -99,6 +99,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._routes = Counter(
+            "sideproxy_route_requests",
+            "Client requests for a route's model, by route, the target that served it last "
+            "('<provider>/<model>', '-' when none could) and the status answered. Routes and "
+            "targets come from the pool's configuration, so the labels are bounded.",
+            ["route", "target", "status"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "sideproxy_inflight_requests", "Client requests in progress.", registry=r
         )
@@ -114,6 +122,7 @@ class Metrics:
         r.register(_KeyStateCollector(pool, clock))
         self._upstream_children: dict[tuple[str, str, str], Counter] = {}
         self._client_children: dict[tuple[str, str], Counter] = {}
+        self._route_children: dict[tuple[str, str, str], Counter] = {}
         self._retry_children: dict[tuple[str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
@@ -131,6 +140,13 @@ class Metrics:
         child = self._client_children.get(labels)
         if child is None:
             child = self._client_children[labels] = self._client.labels(*labels)
+        child.inc()
+
+    def route(self, route: str, target: str, status: int) -> None:
+        labels = (route, target, str(status))
+        child = self._route_children.get(labels)
+        if child is None:
+            child = self._route_children[labels] = self._routes.labels(*labels)
         child.inc()
 
     def retry(self, provider: str, reason: str) -> None:
