@@ -45,6 +45,7 @@ class K:
     tier: int = 0
     weight: int = 1
     provider: str = "custom"
+    models: tuple[str, ...] = ()  # PoolKey.spec.models: empty = every model
 
     @property
     def fp(self) -> str:
@@ -102,6 +103,7 @@ def manifests(
                     "tier": k.tier,
                     "weight": k.weight,
                     "secretRef": {"name": "keys", "key": k.name},
+                    **({"models": list(k.models)} if k.models else {}),
                 },
             }
         )
@@ -133,6 +135,10 @@ class Proxy:
 
     def status(self, name: str) -> KeyStatus:
         return next(s for s in self.pool.statuses(time.time()) if s.name == name)
+
+    def cooling(self, name: str, model: str) -> float | None:
+        """When key ``name`` may serve ``model`` again, if it is cooling for that model."""
+        return dict(self.status(name).cooling).get(model)
 
 
 StartProxy = Callable[..., Awaitable[Proxy]]
