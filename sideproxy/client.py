@@ -261,13 +261,12 @@ class _Attempt:
                     raise last
                 held = key
                 continue
-            pool.release(
-                key,
-                verdict.outcome,
-                clock(),
-                response.headers,
-                model if verdict.per_model else None,
-            )
+            outcome, per_model = verdict.outcome, verdict.per_model
+            if client.mode == "proxy" and outcome is Outcome.EXHAUSTED:
+                # The proxy owns the pool: its out-of-quota answer is waited out (its
+                # Retry-After), never a reason to take the one connection out until a probe.
+                outcome, per_model = Outcome.RATE_LIMITED, False
+            pool.release(key, outcome, clock(), response.headers, model if per_model else None)
             if not verdict.retry:
                 break
         if held is not None:

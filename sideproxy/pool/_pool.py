@@ -28,7 +28,7 @@ import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping
 
-from sideproxy.pool._headers import headroom_exhausted_until
+from sideproxy.pool._headers import headroom
 from sideproxy.pool._models import Matcher, compile_patterns, serves
 from sideproxy.pool._types import (
     KeyConfig,
@@ -480,14 +480,7 @@ class ManagedCreditPool:
                 # The probe was answered, just not served: the next request probes again.
                 self._set(key, KeyHealth.HALF_OPEN, None, now)
             until = self._policy.cooldown_deadline(headers, now)
-            changed = []
-            for peer in self._peers(key):
-                if model is None:
-                    if self._cool(peer, until, now):
-                        changed.append(self._transition(peer, "RateLimited"))
-                elif self._cool_model(peer, model, until, now):
-                    changed.append(self._transition(peer, "RateLimited", model, until))
-            return changed
+            return self._rest(key, until, now, model, "RateLimited")
         if outcome is Outcome.EXHAUSTED:
             key.exhausted += 1
             return [
@@ -517,13 +510,17 @@ class ManagedCreditPool:
         if not headers or key.health not in (KeyHealth.READY, KeyHealth.LOW_HEADROOM):
             return []
         policy = self._policy
-        until = headroom_exhausted_until(
+        until, spent = headroom(
             headers,
             now,
             policy.headroom_floor,
             policy.headroom_fraction,
             policy.headroom_fallback,
         )
+        if spent is not None:
+            # A budget at 0 with a known reset: the next request would earn a 429 for sure,
+            # so the key (and its quotaScope, which shares the budget) rests until the reset.
+            return self._rest(key, min(spent, now + policy.max_cooldown), now, model, "Spent")
         if until is not None:
             # Deprioritised, not out; still never for longer than any cool-down.
             until = min(until, now + policy.max_cooldown)
@@ -539,6 +536,19 @@ class ManagedCreditPool:
         elif key.health is KeyHealth.LOW_HEADROOM:
             self._set(key, KeyHealth.READY, None, now)
         return []
+
+    def _rest(
+        self, key: Key, until: float, now: float, model: str | None, reason: str
+    ) -> list[Transition]:
+        """Cool a key and its quotaScope peers, for one model or (model None) every model."""
+        changed = []
+        for peer in self._peers(key):
+            if model is None:
+                if self._cool(peer, until, now):
+                    changed.append(self._transition(peer, reason))
+            elif self._cool_model(peer, model, until, now):
+                changed.append(self._transition(peer, reason, model, until))
+        return changed
 
     def _failure(self, key: Key, now: float) -> list[Transition]:
         policy = self._policy

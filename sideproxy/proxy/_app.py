@@ -51,7 +51,7 @@ __all__ = [
     "POOL",
     "RUNTIME",
     "SETTINGS",
-    "Runtime",
+    "ConfigRuntime",
     "create_app",
 ]
 
@@ -86,7 +86,7 @@ METRICS = web.AppKey("sideproxy.metrics", Metrics)
 SETTINGS = web.AppKey("sideproxy.settings", ProxySettings)
 
 
-class Runtime:
+class ConfigRuntime:
     """Applies source events: compile, configure the pool, swap ``Compiled`` in one assignment."""
 
     def __init__(
@@ -235,7 +235,7 @@ class Runtime:
         return body
 
 
-RUNTIME = web.AppKey("sideproxy.runtime", Runtime)
+RUNTIME = web.AppKey("sideproxy.runtime", ConfigRuntime)
 
 
 # --------------------------------------------------------------------------- middleware
@@ -344,7 +344,7 @@ def create_app(
     )
     metrics = Metrics(pool, clock)
     forwarder = Forwarder(settings, pool, metrics, clock, on_transitions)
-    runtime = Runtime(
+    runtime = ConfigRuntime(
         settings=settings,
         source=source or _NoSource(),
         pool=pool,

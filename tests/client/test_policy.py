@@ -101,3 +101,18 @@ async def test_an_out_of_quota_key_is_skipped_then_returns_through_a_probe() -> 
             assert fake.status_counts()[exhausted] == {429: 1, 200: 3}
             probes = [r for r in fake.recent if r[0] == "GET" and r[1].endswith("/models")]
             assert len(probes) == 1
+
+
+async def test_through_a_proxy_an_out_of_quota_answer_is_only_waited_out() -> None:
+    """In proxy mode the proxy owns the pool: its answer is passed on and its Retry-After
+    honoured; the client never takes its one connection out until a probe."""
+    vk = "sk-virtual-POLICY"
+    quota = {"action": "status", "status": 429, "code": "insufficient_quota", "retry_after": 5}
+    async with FakeProvider(keys=[vk], faults={vk: [quota]}) as fake:
+        clock = Clock()
+        async with LLMClient(proxy_url=fake.base_url, virtual_key=vk, clock=clock) as llm:
+            with pytest.raises(LLMError) as excinfo:
+                await llm.chat(HELLO, model="fake-model")
+            assert excinfo.value.status == 429
+            clock.now += 5
+            assert (await llm.chat(HELLO, model="fake-model"))["choices"]

@@ -21,9 +21,9 @@ from sideproxy.pool import KeyStatus, ManagedCreditPool
 from sideproxy.proxy import (
     POOL,
     RUNTIME,
+    ConfigRuntime,
     ConfigSource,
     ProxySettings,
-    Runtime,
     Snapshot,
     StaticSource,
     create_app,
@@ -130,7 +130,7 @@ class Proxy:
         return self.app[POOL]
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> ConfigRuntime:
         return self.app[RUNTIME]
 
     def status(self, name: str) -> KeyStatus:
