@@ -244,6 +244,7 @@ class ModelRoute(_Model):
     cel_rules: ClassVar[list[dict[str, str]]] = [
         {
             "rule": "self.targets.all(t, has(t.order)) || self.targets.all(t, !has(t.order))",
+            "message": "set order on every target or on none",  # if the expression fails
             "messageExpression": "'route ' + self.model + ': set order on every target or on none'",
         },
     ]
