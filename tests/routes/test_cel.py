@@ -1,5 +1,6 @@
-"""The CreditPool CRD refuses bad routes on the real kube-apiserver (marker ``kube``); a good
-route over named providers is accepted.
+"""Routes on the real kube-apiserver (marker ``kube``): the CreditPool CRD refuses bad routes
+and accepts good ones over named providers; the real operator writes routes into the table and
+refuses a route no key may serve, keeping the last good table.
 
 A target naming a provider the pool does not serve is refused by a rule whose message cannot
 name the route (a messageExpression that does is over the API server's CEL cost budget); the
@@ -13,8 +14,21 @@ from typing import Any
 import pytest
 import yaml
 
+from sideproxy.models import TableRoute, TableTarget
 from tests.kube.harness import KubeCluster
-from tests.operator.conftest import crds  # noqa: F401  (fixture)
+from tests.operator.conftest import (
+    Cluster,
+    Operator,
+    cluster,
+    crds,
+    key_manifest,
+    operator,
+    operators,
+    pool_manifest,
+    secret_manifest,
+)
+
+__all__ = ["cluster", "crds", "operator", "operators"]  # fixtures, used by name
 
 pytestmark = pytest.mark.kube
 
@@ -91,3 +105,51 @@ def test_crd_accepts_routes_over_named_providers(kube: KubeCluster, namespace: s
     }
     code, err = _apply(kube, namespace, _pool([FAST, local], providers))
     assert code == 0, err
+
+
+def test_operator_writes_routes_and_keeps_the_last_good_table(
+    cluster: Cluster, operator: Operator
+) -> None:
+    fast = {
+        "model": "fast",
+        "targets": [
+            {"provider": "groq", "model": "llama-3.1-8b-instant"},
+            {"provider": "openai", "model": "gpt-4o-mini"},
+        ],
+    }
+    cluster.apply(
+        [
+            secret_manifest("keys", {"g": "gsk_CANARY_route_g", "o": "sk-CANARY_route_o"}),
+            pool_manifest("p", providers=[{"name": "groq"}, {"name": "openai"}], routes=[fast]),
+            key_manifest("k-g", "p", "keys", "g", provider="groq"),
+            key_manifest("k-o", "p", "keys", "o", provider="openai", models=["gpt-4o*"]),
+        ]
+    )
+    good = cluster.wait(
+        lambda: (t := cluster.table("p")) is not None and len(t.keys) == 2 and t,
+        what="a table with both keys",
+    )
+    assert good.routes == [
+        TableRoute(
+            model="fast",
+            targets=[
+                TableTarget(provider="groq", model="llama-3.1-8b-instant", order=0, weight=1),
+                TableTarget(provider="openai", model="gpt-4o-mini", order=1, weight=1),
+            ],
+        )
+    ]
+    fast["targets"][1]["model"] = "gpt-3.5-turbo"  # type: ignore[index]
+    cluster.apply(
+        pool_manifest("p", providers=[{"name": "groq"}, {"name": "openai"}], routes=[fast])
+    )
+    ready = cluster.wait(
+        lambda: (
+            (c := cluster.condition("creditpools", "p", "Ready")).get("reason") == "InvalidSpec"
+            and c
+        ),
+        what="the pool refused",
+    )
+    assert ready["message"] == (
+        "route fast: no PoolKey of provider 'openai' may serve model 'gpt-3.5-turbo' (spec.models)"
+    )
+    assert cluster.table("p") == good  # the last good table stays
