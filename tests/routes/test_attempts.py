@@ -78,3 +78,23 @@ async def test_a_route_takes_json_bodies_only(routed: Proxy, http: aiohttp.Clien
         assert resp.status == 400
         body = await resp.json()
     assert "routes serve JSON requests only" in body["error"]["message"]
+
+
+async def test_every_target_resting_answers_429_with_the_earliest_recovery(
+    routed: Proxy, two: tuple[FakeProvider, FakeProvider], http: aiohttp.ClientSession
+) -> None:
+    groq, openai_ = two
+    groq.add_faults(GROQ, {"action": "status", "status": 429, "retry_after": 300})
+    openai_.add_faults(OPENAI, {"action": "status", "status": 429, "retry_after": 40})
+    body = {"model": "fast", "messages": []}
+    async with http.post(routed.base_url + "/chat/completions", json=body) as resp:
+        assert resp.status == 429  # the last target's own answer, with the pool's advice
+        assert resp.headers["x-sideproxy-route-target"] == "openai/gpt-4o-mini"
+        assert 30 <= int(resp.headers["Retry-After"]) <= 40
+    async with http.post(routed.base_url + "/chat/completions", json=body) as resp:
+        assert resp.status == 429
+        assert 30 <= int(resp.headers["Retry-After"]) <= 40  # OpenAI's, the earlier one
+        error = (await resp.json())["error"]
+    assert error["code"] == "no_key_available"
+    assert "no key of any target of route fast is available" in error["message"]
+    assert (len(groq.calls), len(openai_.calls)) == (1, 1)  # nothing sent to a resting key
