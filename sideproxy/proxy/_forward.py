@@ -1,16 +1,18 @@
 """The request path, stage by stage, on any transport (see ``_exchange``)::
 
     parse and route      _paths.parse_path, _route: provider, upstream URL, model, replayable
-    authenticate/admit   the virtual key (``_auth``)
+    authenticate/admit   the virtual key (``_auth``); a model no key serves: 404 model_not_found
     attempt              loop (max_attempts, retry budget), one ``_attempt.Attempt`` per key:
-        key = pool.acquire(provider, now, exclude=tried)      None -> stop
+        key = pool.acquire(provider, now, exclude=tried, model=model)   None -> stop
         send upstream with the key's auth header
-        429 / 401 / connect error                            -> next key at once
+        connect error                                        -> next key at once
         5xx, timeout, reset, broken body                     -> next key if replayable
           (see _route._REPLAYABLE_PATHS; a files or batches upload is never sent twice)
         a 2xx whose JSON body is broken (read whole)         -> a failure, next key if replayable
-        403                                                  -> see below
-        an error (>= 400, SSE too): read whole, up to 64 KiB  -> scrubbed of key material, answer
+        an error (>= 400, SSE too): read whole, up to 64 KiB, judged by pool.classify:
+          429 (per model), 401, out of quota (key-wide)      -> next key at once
+          403                                                -> see below
+          anything else                                      -> scrubbed of key material, answer
         2xx with a known length <= buffer_limit              -> read whole, answer
         SSE, unsized or large 2xx                            -> relay chunk by chunk, no retry
     relay                _relay: stream, or the whole body; spent: the last provider answer
