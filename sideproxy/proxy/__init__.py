@@ -9,11 +9,12 @@ against what the rest of the repository imports)::
     running(app) -> url                 async context manager: serve in this event loop
     new_event_loop()                    uvloop's loop when installed
     configure_logging(fmt, level)       text or JSON log lines
-    Runtime                             applies source events to the app (app[RUNTIME])
+    ConfigRuntime                       applies source events to the app (app[RUNTIME])
     TransitionHook                      the type of ``on_transitions``
-    sources: ConfigSource, Snapshot, SourceEvent, Rejected, SourceUnavailable, EnvSource,
-             FileSource, StaticSource, QueueSource, load_file, cluster_source,
-             register_cluster_source
+    sources: ConfigSource, Snapshot, SourceEvent, Rejected, EnvSource, FileSource,
+             StaticSource, QueueSource, load_file,
+             HealthPeer (a source that shares key health: cluster mode's
+             ``sideproxy.proxy.kube.KubeSource``, loaded only in cluster mode)
     app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
     errors: ProxyError and error_response (the one OpenAI-shaped error helper)
 
@@ -22,7 +23,15 @@ transport plugs into in ``sideproxy.proxy._exchange``.
 Routing rule and path safety: see ``sideproxy.proxy._paths``.
 """
 
-from sideproxy.proxy._app import FORWARDER, METRICS, POOL, RUNTIME, SETTINGS, Runtime, create_app
+from sideproxy.proxy._app import (
+    FORWARDER,
+    METRICS,
+    POOL,
+    RUNTIME,
+    SETTINGS,
+    ConfigRuntime,
+    create_app,
+)
 from sideproxy.proxy._errors import ProxyError, error_response
 from sideproxy.proxy._forward import TransitionHook
 from sideproxy.proxy._logging import configure_logging
@@ -32,15 +41,13 @@ from sideproxy.proxy.sources import (
     ConfigSource,
     EnvSource,
     FileSource,
+    HealthPeer,
     QueueSource,
     Rejected,
     Snapshot,
     SourceEvent,
-    SourceUnavailable,
     StaticSource,
-    cluster_source,
     load_file,
-    register_cluster_source,
 )
 
 __all__ = [
@@ -49,26 +56,24 @@ __all__ = [
     "POOL",
     "RUNTIME",
     "SETTINGS",
+    "ConfigRuntime",
     "ConfigSource",
     "EnvSource",
     "FileSource",
+    "HealthPeer",
     "ProxyError",
     "ProxySettings",
     "QueueSource",
     "Rejected",
-    "Runtime",
     "Snapshot",
     "SourceEvent",
-    "SourceUnavailable",
     "StaticSource",
     "TransitionHook",
-    "cluster_source",
     "configure_logging",
     "create_app",
     "error_response",
     "load_file",
     "new_event_loop",
-    "register_cluster_source",
     "running",
     "serve",
 ]

@@ -40,11 +40,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition
+from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition, classify
+from sideproxy.proxy._access import AccessLog
 from sideproxy.proxy._attempt import Attempt, Learn, judge
 from sideproxy.proxy._bodies import decoded, is_json, key_level_403, scrub, whole_json
 from sideproxy.proxy._errors import (
     NoKeyAvailable,
+    NotFound,
     NotReady,
     ProxyError,
     Unauthorized,
@@ -77,10 +79,10 @@ __all__ = ["Forwarder", "TransitionHook"]
 TransitionHook = Callable[[list[Transition]], None]
 
 log = logging.getLogger("sideproxy.proxy")
-access_log = logging.getLogger("sideproxy.access")
 
-_INFO = logging.INFO
 _monotonic = time.monotonic
+# Statuses whose body may say "out of quota" (insufficient_quota, billing, daily limits).
+_QUOTA_STATUSES = frozenset({400, 402, 403, 429})
 _ERROR_CAP = 65536  # error bodies are read (and scrubbed) up to this even when buffer_limit is 0
 
 _UNAUTHORIZED = (
@@ -177,6 +179,7 @@ class Forwarder:
         self.client: UpstreamClient | None = None
         self._buffer_limit = settings.buffer_limit
         self._access = settings.access_log
+        self._access_log = AccessLog()
         self._learners: dict[str, Learn] = {}
 
     # ------------------------------------------------------------------ entry points
@@ -184,7 +187,7 @@ class Forwarder:
     async def handle(self, inbound: Inbound, out: Responder) -> None:
         """Answer one request (the transport's entry point)."""
         ctx = _Ctx(inbound, out, _monotonic())
-        self.metrics.inflight.inc()
+        self.metrics.inflight += 1
         status = 499
         try:
             try:
@@ -197,7 +200,7 @@ class Forwarder:
             if ctx.client_gone:
                 status = 499
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight -= 1
             self._account(ctx, status)
 
     async def refuse(self, inbound: Inbound, out: Responder, error: ProxyError) -> None:
@@ -216,22 +219,16 @@ class Forwarder:
 
     def _account(self, ctx: _Ctx, status: int) -> None:
         self.metrics.client(ctx.provider, status)
-        if self._access and access_log.isEnabledFor(_INFO):
+        if self._access and self._access_log.enabled():
             self._log_access(ctx, status)
 
-    @staticmethod
-    def _log_access(ctx: _Ctx, status: int) -> None:
+    def _log_access(self, ctx: _Ctx, status: int) -> None:
         key = ctx.key
         inbound = ctx.inbound
         ms = round((_monotonic() - ctx.started) * 1000.0, 2)
         path = inbound.path[:512]  # never the query: it may hold tokens
-        access_log.info(
-            "%s %s %d %.2fms",
-            inbound.method,
-            path,
-            status,
-            ms,
-            extra={
+        self._access_log.write(
+            {
                 "method": inbound.method,
                 "path": path,
                 "status": status,
@@ -241,6 +238,7 @@ class Forwarder:
                 "attempts": ctx.attempts,
                 "duration_ms": ms,
             },
+            f"{inbound.method} {path} {status} {ms:.2f}ms",
         )
 
     async def _handle(self, ctx: _Ctx) -> int:
@@ -255,7 +253,12 @@ class Forwarder:
         upstream = upstream_of(compiled, prefix)
         ctx.provider = upstream.provider
         ctx.compiled = compiled
-        ctx.route = resolve(inbound, upstream, rest, query)
+        route = ctx.route = resolve(inbound, upstream, rest, query)
+        if route.model is not None and not self.pool.serves(upstream.provider, route.model):
+            raise NotFound(
+                f"no key of this pool serves model {route.model[:128]!r}",
+                code="model_not_found",
+            )
         return await self._attempts(ctx)
 
     # ------------------------------------------------------------------ attempts
@@ -267,12 +270,13 @@ class Forwarder:
                 first_byte = self._first_byte(ctx, n)
                 if first_byte is None:
                     break
-                key = self.pool.acquire(provider, self.clock(), [a.key.name for a in ctx.opened])
+                tried = [a.key.name for a in ctx.opened]
+                key = self.pool.acquire(provider, self.clock(), tried, model=ctx.route.model)
                 if key is None:
                     break
                 if n:
                     self.metrics.retry(provider, _reason(ctx.failure))
-                attempt = Attempt(key, self._learner(provider))
+                attempt = Attempt(key, self._learner(provider), ctx.route.model)
                 ctx.opened.append(attempt)
                 ctx.key, ctx.attempts = key, n + 1
                 try:
@@ -414,8 +418,14 @@ class Forwarder:
         status = resp.status
         outcome, retry = judged
         headers, shown, key_bad = _safe_error(attempt, resp, payload, ctx.provider)
+        key_wide = key_bad
         if key_bad:
             outcome, retry = Outcome.UNAUTHORIZED, True
+        elif status in _QUOTA_STATUSES and classify(status, resp.headers, payload).outcome is (
+            Outcome.EXHAUSTED
+        ):
+            # Out of quota: the key is out for every model; another key may still answer.
+            outcome, retry, key_wide = Outcome.EXHAUSTED, True, True
         elif status == 403:
             if ctx.held is None and len(ctx.opened) < ctx.compiled.max_attempts:
                 # Ask another key before blaming this one; released when that one answers.
@@ -424,7 +434,7 @@ class Forwarder:
             # The same request refused twice (or no one left to ask): the request's fault,
             # nothing learnt about either key.
             outcome = Outcome.OK
-        attempt.release(outcome, str(status), resp.headers)
+        attempt.release(outcome, str(status), resp.headers, key_wide=key_wide)
         if retry:
             raise _MoveOn(_Failure(status, headers, shown), True)
         # A 4xx from another key does not show that a held key was at fault.
@@ -454,7 +464,7 @@ class Forwarder:
 
     def _retry_after(self, ctx: _Ctx) -> int:
         now = self.clock()
-        recovery = self.pool.next_recovery(ctx.provider, now)
+        recovery = self.pool.next_recovery(ctx.provider, now, model=ctx.route.model)
         if recovery is None:  # no key will recover by itself (all revoked, or none)
             return max(1, math.ceil(ctx.compiled.policy.default_cooldown))
         return max(1, math.ceil(recovery - now))
@@ -507,17 +517,25 @@ class Forwarder:
 
     # ------------------------------------------------------------------ learning
 
-    def _learner(
-        self, provider: str
-    ) -> Callable[[Key, Outcome, Mapping[str, str] | None, str], None]:
+    def _learner(self, provider: str) -> Learn:
+        """What an ``Attempt`` calls on release (one function per provider, made once)."""
+        found = self._learners.get(provider)
+        if found is not None:
+            return found
+
         def learn(
-            key: Key, outcome: Outcome, headers: Mapping[str, str] | None, label: str
+            key: Key,
+            outcome: Outcome,
+            headers: Mapping[str, str] | None,
+            label: str,
+            model: str | None,
         ) -> None:
             self.metrics.upstream(key.name, provider, label)
-            transitions = self.pool.release(key, outcome, self.clock(), headers)
+            transitions = self.pool.release(key, outcome, self.clock(), headers, model=model)
             if transitions:
                 self.report(transitions)
 
+        self._learners[provider] = learn
         return learn
 
     def report(self, transitions: list[Transition]) -> None:
