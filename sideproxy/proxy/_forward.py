@@ -68,7 +68,7 @@ from sideproxy.proxy._exchange import (
 )
 from sideproxy.proxy._headers import request_headers, response_headers
 from sideproxy.proxy._paths import parse_path
-from sideproxy.proxy._relay import end_broken, missing_final_event, relay
+from sideproxy.proxy._relay import Relayed, end_broken, missing_final_event, relay
 from sideproxy.proxy._route import Route, anthropic_shaped, resolve, upstream_of
 from sideproxy.proxy._routed import Routed
 
@@ -488,8 +488,15 @@ class Forwarder:
     ) -> int:
         """A 2xx relayed as it arrives (SSE, unsized or large): no retry once it started."""
         provider, out = ctx.provider, ctx.out
+        seen = Relayed()
         try:
-            seen = await relay(resp, out, ctx.compiled.idle_stream)
+            await relay(resp, out, ctx.compiled.idle_stream, seen)
+        except asyncio.CancelledError:
+            # The server's shutdown grace ran out (a client that left fails every write):
+            # an SSE stream gets its error event and a clean close, anything else is cut.
+            resp.close()
+            await self._cut(out, resp, seen, ctx)
+            raise
         except BaseException:
             resp.close()
             raise
@@ -527,6 +534,15 @@ class Forwarder:
             attempt.release(Outcome.OK, str(resp.status), resp.headers)
         await out.finish()
         return resp.status
+
+    @staticmethod
+    async def _cut(out: Responder, resp: UpstreamResponse, seen: Relayed, ctx: _Ctx) -> None:
+        terminator = ctx.route.terminator if resp.status == 200 else None
+        if terminator is not None and not missing_final_event(seen, terminator):
+            await out.finish()  # it was whole: the cancel only caught its last write
+            return
+        seen.cut = True
+        await end_broken(out, resp, seen, anthropic=ctx.route.upstream.anthropic)
 
     # ------------------------------------------------------------------ learning
 

@@ -7,6 +7,7 @@ so a slow client slows the upstream read instead of filling memory.
 An SSE stream of chat/completions (``data: [DONE]``) or Anthropic messages (``message_stop``)
 that ends without its final event gets an error event appended, so a client cannot mistake a
 truncated answer for a whole one; a non-SSE body that breaks off has its connection aborted.
+The same holds for a stream the proxy itself cuts when its shutdown grace runs out (``cut``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ _WINDOW = 512
 class Relayed:
     """What one streamed relay saw."""
 
-    __slots__ = ("broke", "client_gone", "first_at", "prev", "tail", "timed_out")
+    __slots__ = ("broke", "client_gone", "cut", "first_at", "prev", "tail", "timed_out")
 
     def __init__(self) -> None:
         self.client_gone = False
+        self.cut = False  # the proxy is shutting down: its task was cancelled mid-stream
         self.broke = False  # the upstream broke off (reset, malformed)
         self.timed_out = False  # the upstream went silent past the idle timeout
         self.first_at: float | None = None  # monotonic time the first chunk reached the client
@@ -48,9 +50,13 @@ class Relayed:
         return tail[-_WINDOW:] if len(tail) >= _WINDOW else self.prev[-_WINDOW:] + tail
 
 
-async def relay(resp: UpstreamResponse, out: Responder, idle: float) -> Relayed:
-    """Start the client's answer with the provider's status and headers, then copy chunks."""
-    seen = Relayed()
+async def relay(
+    resp: UpstreamResponse, out: Responder, idle: float, seen: Relayed | None = None
+) -> Relayed:
+    """Start the client's answer with the provider's status and headers, then copy chunks.
+    ``seen`` (the caller's, when it must know what went out even if this is cancelled)."""
+    if seen is None:
+        seen = Relayed()
     try:
         await out.start(resp.status, response_headers(resp.raw_headers), resp.content_length)
     except ClientGone:
@@ -58,10 +64,12 @@ async def relay(resp: UpstreamResponse, out: Responder, idle: float) -> Relayed:
         return seen
     try:
         async for chunk in resp.chunks(idle):
+            # Recorded before the write: a cancel while it waits on the client still knows
+            # how the bytes on the wire end (end_broken's prefix).
+            seen.prev, seen.tail = seen.tail, chunk
             await out.write(chunk)
             if seen.first_at is None:
                 seen.first_at = time.monotonic()
-            seen.prev, seen.tail = seen.tail, chunk
     except ClientGone:
         seen.client_gone = True
     except UpstreamTimedOut:
@@ -92,7 +100,9 @@ async def end_broken(
     if resp.content_type != "text/event-stream":
         out.abort()
         return
-    if not (seen.broke or seen.timed_out):
+    if seen.cut:
+        message, code = "the proxy is shutting down: stream cut before its end", "proxy_shutdown"
+    elif not (seen.broke or seen.timed_out):
         message, code = "upstream stream ended before its final event", "upstream_stream_incomplete"
     elif seen.timed_out:
         message, code = "upstream stream timed out", "upstream_timeout"

@@ -13,7 +13,12 @@ What it does (docs/server-behavior.md, pinned by tests/http/test_server.py):
   as a whole bounded too; a new or idle connection that does not finish a request head within
   ``keepalive_timeout`` is closed (slowloris);
 - every error the server itself answers is in the OpenAI error shape and closes the connection;
-- a client that goes away cancels its handler's task (as aiohttp's ``handler_cancellation``).
+- a client that goes away cancels its handler's task (as aiohttp's ``handler_cancellation``);
+- shutdown: stop listening, close idle connections, let answers in flight finish within the
+  grace; then cancel the handlers left. A handler may answer the cancel with last bytes and a
+  clean finish (the proxy ends an SSE stream with an error event, sideproxy/proxy/_relay.py):
+  those connections close (``transport.close()`` flushes) within ``LAST_WORDS`` seconds; every
+  other one is aborted (``abort()`` discards what is buffered).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from sideproxy.proxy.http._cycle import Cycle, Request
 from sideproxy.proxy.http._flow import FlowControl
 from sideproxy.proxy.http._limits import Limits
 
-__all__ = ["Handler", "HttpServer", "Refuse", "ServerProtocol"]
+__all__ = ["LAST_WORDS", "Handler", "HttpServer", "Refuse", "ServerProtocol"]
 
 log = logging.getLogger("sideproxy.server")
 
@@ -46,6 +51,9 @@ _TRANSFER_ENCODING = b"transfer-encoding"
 _100_CONTINUE = b"100-continue"
 _INVALID = "invalid_request_error"
 _MALFORMED = "the request is not valid HTTP (request line, headers or framing)"
+# After the grace: how long cancelled handlers get to write their last bytes and those bytes
+# to leave (a client that stopped reading must not hold the shutdown).
+LAST_WORDS = 1.0
 
 
 class _Stop(Exception):
@@ -120,7 +128,7 @@ class ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.flow.lost()
-        self._server.connections.discard(self)
+        self._server.forget(self)
         self._cancel_timers()
         self._queue.clear()
         active = self._active
@@ -257,7 +265,7 @@ class ServerProtocol(asyncio.Protocol):
                         500, "internal proxy error", "internal_error", "proxy_error"
                     )
         except asyncio.CancelledError:
-            if not self.lost:
+            if not self.lost and not cycle.finished:
                 self.abort()  # cancelled by shutdown: nothing more will be sent
         except Exception:
             log.exception("request handler failed")
@@ -410,6 +418,7 @@ class HttpServer:
         self.running: set[Cycle] = set()
         self._servers: list[asyncio.Server] = []
         self._idle: asyncio.Event | None = None
+        self._gone: asyncio.Event | None = None  # set once no connection is left (shutdown)
 
     async def listen(
         self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
@@ -424,13 +433,19 @@ class HttpServer:
         self._servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]
 
+    def forget(self, conn: ServerProtocol) -> None:
+        self.connections.discard(conn)
+        if self._gone is not None and not self.connections:
+            self._gone.set()
+
     def wake(self) -> None:
         if self._idle is not None and not self.running:
             self._idle.set()
 
     async def shutdown(self, grace: float) -> None:
         """Stop listening; close idle connections; let answers in flight (streams too) finish
-        within ``grace`` seconds; then cut what is left."""
+        within ``grace`` seconds; then cancel what is left, give the handlers' last bytes
+        ``LAST_WORDS`` seconds to leave (module docstring) and abort the rest."""
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -440,9 +455,19 @@ class HttpServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._idle.wait()
-        for cycle in list(self.running):
-            if cycle.task is not None:
-                cycle.task.cancel()
+        tasks = [cycle.task for cycle in self.running if cycle.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=LAST_WORDS)
+        self._gone = asyncio.Event()
+        for conn in list(self.connections):
+            if not conn.transport.is_closing():
+                conn.abort()  # nothing more to say on it
+        if self.connections:  # closing after their last bytes: let them flush
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAST_WORDS):
+                    await self._gone.wait()
         for conn in list(self.connections):
             conn.abort()
         for server in self._servers:
