@@ -378,6 +378,40 @@ async def test_shutdown_lets_the_stream_in_flight_finish_and_closes_idle_connect
     await stopping
 
 
+async def test_after_the_grace_a_cancelled_stream_s_last_bytes_are_flushed_before_the_close(
+    serve: Serve, connect: Connect
+) -> None:
+    """A handler that answers the shutdown's cancel with last bytes and a clean finish (as the
+    proxy's relay ends an SSE stream with an error event) gets them to the client whole; one
+    that does not is aborted, so its client cannot take the truncated body for a whole one."""
+    streaming: list[asyncio.Event] = [asyncio.Event(), asyncio.Event()]
+
+    async def stream(request: Request, cycle: Cycle) -> None:
+        polite = request.target == b"/polite"
+        await cycle.start(200, [])
+        await cycle.write(b"first ")
+        streaming[polite].set()
+        try:
+            await asyncio.Event().wait()  # an upstream that never ends
+        except asyncio.CancelledError:
+            if polite:
+                await cycle.write(b"error event")
+                await cycle.finish()
+            raise
+
+    server, port = await serve(stream)
+    polite, rude = await connect(port), await connect(port)
+    await polite.send(b"GET /polite HTTP/1.1\r\nHost: x\r\n\r\n")
+    await rude.send(GET)
+    await asyncio.gather(*(e.wait() for e in streaming))
+    await server.shutdown(0.1)
+    status, _, body = await polite.response()
+    assert (status, body) == (200, b"first error event")
+    assert await polite.closed()
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        await rude.response()
+
+
 @pytest.mark.parametrize("status", [413, 408])
 async def test_the_refuse_hook_answers_413_and_408_then_the_connection_closes(
     connect: Connect, status: int
