@@ -229,12 +229,6 @@ def test_a_proxy_pod_deleted_under_load_loses_only_its_in_flight_streams(
     assert all(s["outcome"] != "done" and 0 < s["chunks"] < 60 for s in loss.cut), loss.cut
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when --shutdown-timeout runs out, the proxy's server cancels the requests still "
-    "running and aborts their connections (sideproxy/proxy/http/_server.py, shutdown) instead "
-    "of ending each SSE stream with an error event; see docs/helm.md#tests",
-)
 def test_each_stream_cut_by_a_deleted_proxy_pod_ends_with_an_error_event(
     pod_deleted_under_load: PodLoss,
 ) -> None:
