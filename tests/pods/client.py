@@ -9,14 +9,15 @@ Modes:
 
 ``chat N``        N chat completions in a row; ``{"ok": n, "errors": [...]}``.
 ``load``          chat completions from ``--workers`` loops until stdin closes (the test closes
-                  it when its disruption is over); ``{"ok": n, "errors": [...]}``.
+                  it when its disruption is over); ``{"ok": n, "errors": [...], "retries": r}``.
 ``streams``       ``--per`` streams to each ``--url``, all at once; prints ``STARTED`` when each
                   has its first chunk, then per stream ``{"url", "outcome", "chunks", "error"}``
                   with outcome ``done`` (a whole answer), ``error_event`` (the stream ended with an
                   error event: the SDK raised APIError) or ``broken`` (anything else).
 
-The SDK keeps its default retries (2) in ``chat`` and ``load``, as a real backend would: a
-request counts as failed only when the SDK gives up.
+The SDK's own retries are off (``max_retries=0``) except in ``load``, which keeps the SDK's
+default 2 as a real backend would, and counts how many retries the SDK made (``retries``): every
+HTTP attempt passes an httpx request hook.
 """
 
 from __future__ import annotations
@@ -32,8 +33,17 @@ import openai
 MODEL = "fake-model"
 
 
-def _client(base_url: str, key: str, **kw: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=30.0, **kw)
+def _client(
+    base_url: str, key: str, retries: int = 0, attempts: list[int] | None = None
+) -> openai.AsyncOpenAI:
+    async def count(_: Any) -> None:  # an httpx request: every attempt, retries included
+        if attempts is not None:
+            attempts[0] += 1
+
+    http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [count]})
+    return openai.AsyncOpenAI(
+        base_url=base_url, api_key=key, timeout=30.0, max_retries=retries, http_client=http
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -67,6 +77,7 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
     loop.run_in_executor(None, sys.stdin.read).add_done_callback(lambda _: stop.set())
     counts = {"ok": 0}
     errors: list[str] = []
+    attempts = [0]
 
     async def worker(client: openai.AsyncOpenAI) -> None:
         while not stop.is_set():
@@ -77,16 +88,17 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
                 errors.append(_describe(exc))
             await asyncio.sleep(args.pause)
 
-    async with _client(args.base_url, args.key) as client:
+    async with _client(args.base_url, args.key, args.retries, attempts) as client:
         await _one(client)  # the load starts healthy, or not at all
         print("STARTED", flush=True)
         await asyncio.gather(*(worker(client) for _ in range(args.workers)))
-    return {"ok": counts["ok"], "errors": errors}
+    calls = counts["ok"] + len(errors) + 1
+    return {"ok": counts["ok"], "errors": errors, "retries": attempts[0] - calls}
 
 
 async def _stream(url: str, key: str, started: asyncio.Event) -> dict[str, Any]:
     result: dict[str, Any] = {"url": url, "outcome": "broken", "chunks": 0, "error": ""}
-    async with _client(url, key, max_retries=0) as client:
+    async with _client(url, key) as client:
         try:
             stream = await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "tell me"}], stream=True
@@ -133,6 +145,7 @@ def main() -> int:
     ld.add_argument("--base-url", required=True)
     ld.add_argument("--workers", type=int, default=4)
     ld.add_argument("--pause", type=float, default=0.05, help="seconds between a worker's calls")
+    ld.add_argument("--retries", type=int, default=2, help="the SDK's max_retries (default 2)")
     ld.set_defaults(run=load)
     s = sub.add_parser("streams")
     s.add_argument("--url", action="append", required=True, help="a base URL; repeatable")

@@ -21,6 +21,7 @@ import pytest
 
 from tests.kube.images import Image
 from tests.kube.node import PodCluster
+from tests.pods.client import MODEL
 from tests.pods.release import (
     CHART,
     FAKE,
@@ -138,14 +139,18 @@ def test_a_429_seen_by_a_proxy_pod_shows_in_kubectl_get_poolkeys(serving: Releas
     wait(saw_429, timeout=60, message="the fake provider answered key-1 with a 429")
 
     def shown() -> dict[str, str]:
+        # A 429 counts in 429S; the key rests either for every model (STATE CoolingDown) or for
+        # the model asked (STATE stays Ready, COOLING names the model): both are what a user sees.
         row = rel.poolkeys_table()["key-1"]
-        return row if row["429S"] not in ("", "<none>", "0") else {}
+        counted = row["429S"] not in ("", "<none>", "0")
+        cooling = row["STATE"] == "CoolingDown" or MODEL in row.get("COOLING", "")
+        return row if counted and cooling else {}
 
-    row = wait(shown, timeout=60, message="kubectl get poolkeys shows key-1's 429")
+    row = wait(shown, timeout=90, message="kubectl get poolkeys shows key-1's 429 and cool-down")
     assert int(row["429S"]) >= 1
-    assert row["STATE"] == "CoolingDown", row
-    assert row["COOLDOWN-UNTIL"] not in ("", "<none>"), row
-    assert rel.poolkeys_table()["key-2"]["STATE"] == "Ready"
+    key_2 = rel.poolkeys_table()["key-2"]
+    assert key_2["STATE"] == "Ready", key_2
+    assert key_2.get("COOLING", "") in ("", "<none>"), key_2
 
 
 def test_helm_upgrade_rolls_the_proxies_with_no_failed_request(serving: Release) -> None:
@@ -226,9 +231,9 @@ def test_a_proxy_pod_deleted_under_load_loses_only_its_in_flight_streams(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the proxy aborts the connection when --shutdown-timeout expires (aiohttp cancels "
-    "the handler and closes the transport at once) instead of ending each SSE stream with an "
-    "error event; see docs/helm.md#tests",
+    reason="when --shutdown-timeout runs out, the proxy's server cancels the requests still "
+    "running and aborts their connections (sideproxy/proxy/http/_server.py, shutdown) instead "
+    "of ending each SSE stream with an error event; see docs/helm.md#tests",
 )
 def test_each_stream_cut_by_a_deleted_proxy_pod_ends_with_an_error_event(
     pod_deleted_under_load: PodLoss,
@@ -303,5 +308,7 @@ def test_nothing_in_the_node_namespace_routes_out(pod_cluster: PodCluster) -> No
     routes = pod_cluster.in_net(lambda: Path("/proc/thread-self/net/route").read_text())
     destinations = [line.split()[1] for line in routes.splitlines()[1:]]
     assert "00000000" not in destinations, routes  # no default route
-    links = pod_cluster.in_net(lambda: Path("/proc/thread-self/net/dev").read_text())
-    assert "eth0" not in links
+    dev = pod_cluster.in_net(lambda: Path("/proc/thread-self/net/dev").read_text())
+    links = {line.split(":")[0].strip() for line in dev.splitlines()[2:]}
+    # Loopback, the pod bridge and the pods' veth ends: no interface that leads anywhere else.
+    assert {link for link in links if not link.startswith("veth")} == {"lo", "cni0"}, links
