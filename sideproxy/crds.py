@@ -45,6 +45,9 @@ from sideproxy.models import (
     PoolKeySpec,
     PoolKeyStatus,
 )
+from sideproxy.wire import KIND as REPORT_KIND
+from sideproxy.wire import PLURAL as REPORT_PLURAL
+from sideproxy.wire import ReplicaReportSpec, ReplicaReportStatus
 
 __all__ = [
     "CRD_DIR",
@@ -413,7 +416,45 @@ POOL_KEY = CrdInfo(
     selectable=(".spec.pool",),
 )
 
-CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY)
+REPLICA_REPORT = CrdInfo(
+    kind=REPORT_KIND,
+    plural=REPORT_PLURAL,
+    singular=REPORT_KIND.lower(),
+    short_names=("rr",),
+    spec=ReplicaReportSpec,
+    status=ReplicaReportStatus,
+    description=(
+        "What one proxy replica knows about its pool's keys (the health channel, see "
+        "sideproxy/wire.py): written only by that replica (RBAC: the proxy ServiceAccount), "
+        "read by every replica of the pool and by the operator."
+    ),
+    spec_description="The replica's view now, and counters since it started.",
+    status_description="Written by the operator: Accepted=False when it refuses the report.",
+    columns=(
+        _column("Pool", ".spec.pool"),
+        _column("Replica", ".spec.replica"),
+        _column("Keys", ".spec.keysReported", "integer", "Keys this report has entries for."),
+        _AGE,
+        _column(
+            "Rejected",
+            '.status.conditions[?(@.type=="Accepted")].reason',
+            description="Why the operator refused the report, if it did.",
+            priority=1,
+        ),
+    ),
+    root_rules=(
+        {
+            "rule": "self.metadata.name == self.spec.pool + '-' + self.spec.replica",
+            "message": "a ReplicaReport is named <spec.pool>-<spec.replica>",
+        },
+    ),
+    selectable=(".spec.pool",),
+)
+
+CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY, REPLICA_REPORT)
+# The kinds users write, in the field reference of docs/kubernetes.md. A ReplicaReport is
+# written by the proxy and described in docs/cluster-loop.md.
+USER_CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY)
 
 
 def _root_schema(info: CrdInfo) -> dict[str, Any]:
@@ -565,7 +606,7 @@ def _rows(node: Mapping[str, Any], path: str, required: bool) -> list[tuple[str,
 def field_reference() -> str:
     """Markdown tables of every spec and status field, from the same schema as the CRDs."""
     parts = []
-    for info in CRDS:
+    for info in USER_CRDS:
         root = _root_schema(info)["properties"]
         for section in ("spec", "status"):
             parts.append(f"### {info.kind} `.{section}`\n")
