@@ -1,7 +1,7 @@
 """The request path, stage by stage, on any transport (see ``_exchange``)::
 
     parse and route      _paths.parse_path, _route: provider, upstream URL, model, replayable
-    authenticate/admit   the virtual key (``_auth``)
+    authenticate/admit   the virtual key (``_auth``), its models and limits (``_admit``)
     attempt              loop (max_attempts, retry budget), one ``_attempt.Attempt`` per key:
         key = pool.acquire(provider, now, exclude=tried)      None -> stop
         send upstream with the key's auth header
@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition
+from sideproxy.proxy._admit import Admission, Ticket, window_from_env
 from sideproxy.proxy._attempt import Attempt, Learn, judge
 from sideproxy.proxy._bodies import decoded, is_json, key_level_403, scrub, whole_json
 from sideproxy.proxy._errors import (
@@ -124,6 +125,7 @@ class _Ctx:
         "provider",
         "route",
         "started",
+        "ticket",
     )
     compiled: Compiled  # set by the route stage
     route: Route
@@ -140,6 +142,7 @@ class _Ctx:
         # A key whose 403 waits for another key's answer to the same request (see above).
         self.held: Attempt | None = None
         self.opened: list[Attempt] = []
+        self.ticket: Ticket | None = None  # an admitted virtual key's request
 
     def settle_held(self, outcome: Outcome) -> None:
         held = self.held
@@ -178,6 +181,8 @@ class Forwarder:
         self._buffer_limit = settings.buffer_limit
         self._access = settings.access_log
         self._learners: dict[str, Learn] = {}
+        self.admission = Admission(metrics.registry, window=window_from_env(), clock=clock)
+        self._admitted_for: Compiled | None = None
 
     # ------------------------------------------------------------------ entry points
 
@@ -198,6 +203,8 @@ class Forwarder:
                 status = 499
         finally:
             self.metrics.inflight.dec()
+            if ctx.ticket is not None:
+                ctx.ticket.close()
             self._account(ctx, status)
 
     async def refuse(self, inbound: Inbound, out: Responder, error: ProxyError) -> None:
@@ -250,12 +257,17 @@ class Forwarder:
             raise NotReady("the proxy has no routing table yet", headers={"Retry-After": "1"})
         inbound = ctx.inbound
         prefix, rest, query = parse_path(inbound.path, inbound.query)
-        if not compiled.virtual_keys.check(inbound.headers):
+        identity = compiled.virtual_keys.identify(inbound.headers)
+        if identity is None:
             raise Unauthorized(_UNAUTHORIZED)
         upstream = upstream_of(compiled, prefix)
         ctx.provider = upstream.provider
         ctx.compiled = compiled
-        ctx.route = resolve(inbound, upstream, rest, query)
+        route = ctx.route = resolve(inbound, upstream, rest, query)
+        if compiled is not self._admitted_for:
+            self._admitted_for = compiled
+            self.admission.configure(compiled.virtual_keys.limits, compiled_models(compiled))
+        ctx.ticket = self.admission.admit(identity, route.model)
         return await self._attempts(ctx)
 
     # ------------------------------------------------------------------ attempts
@@ -399,6 +411,8 @@ class Forwarder:
             raise _MoveOn(failure, ctx.route.replayable)
         attempt.release(outcome, str(resp.status), resp.headers)
         ctx.settle_held(Outcome.FORBIDDEN)
+        if ctx.ticket is not None:
+            ctx.ticket.usage(payload)
         self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
         await ctx.out.respond(resp.status, response_headers(resp.raw_headers), payload or b"")
         return resp.status
@@ -489,6 +503,8 @@ class Forwarder:
             await end_broken(out, resp, seen, anthropic=anthropic)
             return resp.status
         resp.release()
+        if ctx.ticket is not None:
+            ctx.ticket.usage(seen.window, streamed=True)
         terminator = ctx.route.terminator if resp.status == 200 else None
         if missing_final_event(seen, terminator) and resp.content_type == "text/event-stream":
             # Ended cleanly but short of its final event: a failure of the key, and the client
@@ -576,6 +592,11 @@ def _safe_error(
     if plain is not payload:
         headers = [(n, v) for n, v in headers if n.lower() != b"content-encoding"]
     return headers, scrub(plain, attempt.key.secret), False
+
+
+def compiled_models(compiled: Compiled) -> set[str]:
+    """The models a table's PoolKeys name: what a ``model`` metric label may say."""
+    return {model for key in compiled.keys for model in key.models}
 
 
 def _retry_headers(headers: list[tuple[bytes, bytes]], seconds: int) -> list[tuple[bytes, bytes]]:
