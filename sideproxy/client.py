@@ -16,6 +16,12 @@ The seed's client, grown up. Where its keys come from, first match wins:
 
 Errors are :class:`LLMError` with the HTTP status and the provider's message; a key value is
 never part of one.
+
+What an answer means is the proxy's own rule (:func:`sideproxy.pool.classify`): a 429 cools
+the key for that model only; out of quota (``insufficient_quota``, billing, 402, daily limits)
+takes the key out until a token-free probe (``GET /models``, run before the next call once the
+back-off has passed) says it is back; a 403 is asked of one other key and, with no other key to
+ask, goes to the caller without counting against the key.
 """
 
 from __future__ import annotations
@@ -24,19 +30,25 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
 import aiohttp
 
 from sideproxy.models import DEFAULT_BASE_URLS, Provider
-from sideproxy.pool import Key, KeyConfig, ManagedCreditPool, Outcome, PoolPolicy
+from sideproxy.pool import (
+    Key,
+    KeyConfig,
+    ManagedCreditPool,
+    Outcome,
+    PoolPolicy,
+    classify,
+    retry_delay,
+)
 
 Mode = Literal["single", "pool", "proxy"]
-_RETRYABLE = frozenset(
-    {Outcome.RATE_LIMITED, Outcome.SERVER_ERROR, Outcome.UNAUTHORIZED, Outcome.FORBIDDEN}
-)
+_PROBE_TIMEOUT = 10.0  # seconds for one token-free probe (GET /models)
 
 
 class LLMError(Exception):
@@ -62,6 +74,7 @@ class LLMClient:
         max_attempts: int = 4,
         timeout: float = 120.0,
         policy: PoolPolicy | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         provider = Provider(provider)
         self.mode: Mode
@@ -93,6 +106,7 @@ class LLMClient:
         self._anthropic = provider is Provider.ANTHROPIC and self.mode != "proxy"
         self._max_attempts = 1 if self.mode == "proxy" else max_attempts
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._clock = clock
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -163,7 +177,7 @@ class LLMClient:
         path = "/messages" if self._anthropic else "/chat/completions"
         if self._anthropic:
             body.setdefault("max_tokens", 1024)
-        return _Attempt(self, self._base_url + path, json.dumps(body).encode())
+        return _Attempt(self, self._base_url + path, json.dumps(body).encode(), model)
 
     def _headers(self, key: Key) -> dict[str, str]:
         if self._anthropic:
@@ -174,25 +188,47 @@ class LLMClient:
             }
         return {"authorization": f"Bearer {key.secret}", "content-type": "application/json"}
 
+    async def _probe(self, key: Key) -> None:
+        """Ask the provider whether an exhausted or revoked key is back (costs no tokens)."""
+        ok = False
+        try:
+            async with self._http().get(
+                self._base_url + "/models",
+                headers=self._headers(key),
+                timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT),
+            ) as response:
+                ok = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        self.pool.probe_result(key, ok, self._clock())
+
+    async def _run_probes(self) -> None:
+        due = self.pool.probes_due(self._clock())
+        if due:
+            await asyncio.gather(*(self._probe(key) for key in due))
+
 
 class _Attempt:
     """Try keys until one answers 2xx; the caller reads that response inside ``async with``."""
 
-    def __init__(self, client: LLMClient, url: str, body: bytes) -> None:
+    def __init__(self, client: LLMClient, url: str, body: bytes, model: str) -> None:
         self._client = client
         self._url = url
         self._body = body
+        self._model = model
         self._key: Key | None = None
         self._response: aiohttp.ClientResponse | None = None
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
-        client, pool = self._client, self._client.pool
+        client, pool, model = self._client, self._client.pool, self._model
+        clock = client._clock
+        if client.mode != "proxy":
+            await client._run_probes()
         tried: set[str] = set()
         last: LLMError | None = None
-        forbidden: Key | None = None  # the key that answered 403, until another key has spoken
+        held: Key | None = None  # a key that answered 403, until another key has spoken
         for _ in range(client._max_attempts):
-            now = time.time()
-            key = pool.acquire(client._provider, now, exclude=tried)
+            key = pool.acquire(client._provider, clock(), tried, model)
             if key is None:
                 break
             tried.add(key.name)
@@ -201,42 +237,46 @@ class _Attempt:
                     self._url, data=self._body, headers=client._headers(key)
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                pool.release(key, _error_outcome(exc), time.time())
+                pool.release(key, _error_outcome(exc), clock())
                 last = LLMError(0, f"{key.name}: {type(exc).__name__}")
                 continue
-            outcome = Outcome.from_status(response.status)
-            if response.status == 403:
-                outcome = Outcome.FORBIDDEN
             if response.status < 300:
-                if forbidden is not None:  # another key served it: the 403 was that key's
-                    pool.release(forbidden, Outcome.FORBIDDEN, time.time())
+                if held is not None:  # another key served it: the 403 was about that key
+                    pool.release(held, Outcome.FORBIDDEN, clock())
                 self._key, self._response = key, response
                 return response
-            text = await response.text()
+            payload = await response.read()
             response.release()
+            verdict = classify(response.status, response.headers, payload)
             # Providers echo (parts of) a rejected key in their messages; never pass that on.
-            message = _message(text).replace(key.secret, f"<{key.name}>")
-            last = LLMError(response.status, message, _retry_after(response.headers))
-            if outcome is Outcome.FORBIDDEN:
-                # Usually about the request (model, region), not the key: never revoke on it.
-                # Ask one other key; a second 403 is the answer and teaches neither key anything.
-                if forbidden is not None:
-                    pool.release(forbidden, Outcome.OK, time.time())
-                    pool.release(key, Outcome.OK, time.time())
+            message = _message(payload.decode(errors="replace")).replace(
+                key.secret, f"<{key.name}>"
+            )
+            last = LLMError(response.status, message, retry_delay(response.headers, clock()))
+            if verdict.held:
+                if held is not None:
+                    # Two keys refused the same request: the request is at fault, not a key.
+                    pool.release(held, Outcome.OK, clock())
+                    pool.release(key, Outcome.OK, clock())
                     raise last
-                forbidden = key
+                held = key
                 continue
-            pool.release(key, outcome, time.time(), response.headers)
-            if outcome not in _RETRYABLE:
-                if forbidden is not None:
-                    pool.release(forbidden, Outcome.FORBIDDEN, time.time())
-                raise last
-        if forbidden is not None:
-            pool.release(forbidden, Outcome.FORBIDDEN, time.time())
+            outcome, per_model = verdict.outcome, verdict.per_model
+            if client.mode == "proxy" and outcome is Outcome.EXHAUSTED:
+                # The proxy owns the pool: its out-of-quota answer is waited out (its
+                # Retry-After), never a reason to take the one connection out until a probe.
+                outcome, per_model = Outcome.RATE_LIMITED, False
+            pool.release(key, outcome, clock(), response.headers, model if per_model else None)
+            if not verdict.retry:
+                break
+        if held is not None:
+            # Nobody else could answer (one key, or the rest out): the key learns nothing.
+            pool.release(held, Outcome.OK, clock())
         if last is not None:
             raise last
-        recovery = pool.next_recovery(client._provider, time.time())
-        wait = None if recovery is None else max(0.0, recovery - time.time())
+        now = clock()
+        recovery = pool.next_recovery(client._provider, now, model)
+        wait = None if recovery is None else max(0.0, recovery - now)
         raise LLMError(429, "every key in the pool is cooling down or revoked", wait)
 
     async def __aexit__(
@@ -250,7 +290,9 @@ class _Attempt:
         elif isinstance(e, aiohttp.ClientError | TimeoutError):
             outcome = _error_outcome(e)
         self._response.release()
-        self._client.pool.release(self._key, outcome, time.time(), self._response.headers)
+        self._client.pool.release(
+            self._key, outcome, self._client._clock(), self._response.headers, self._model
+        )
 
 
 def _error_outcome(exc: BaseException) -> Outcome:
@@ -265,11 +307,3 @@ def _message(text: str) -> str:
     if isinstance(error, dict):
         return str(error.get("message", ""))[:500]
     return str(error)[:500]
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    raw = headers.get("retry-after")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None

@@ -19,6 +19,22 @@ real headers: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``
 429 with ``retry-after`` / ``retry-after-ms`` and the provider's error body when exceeded.
 Responses carry ``x-fake-key: <fingerprint>`` so a test can tell which key served.
 
+Limits as real providers set them (issue 11):
+
+- ``model_limits={"big": "3/1m"}``: a window per (key, model), as OpenAI, Anthropic and Groq
+  count; the same headers as above, for that model's budget, and a 429 with ``retry-after`` when
+  it is spent. Models without a limit of their own fall under the key's ``limit``, if any.
+- ``out_of_quota=[key]`` (or ``exhaust`` at runtime): every request, ``GET /models`` included,
+  gets OpenAI's 429 ``{"error": {"message": "You exceeded your current quota, ...",
+  "code": "insufficient_quota", ...}}`` with no reset header, until ``replenish``.
+- ``daily_limits={key: n}``: Groq's requests per day; past ``n`` model requests, a 429 whose
+  message says ``on requests per day (RPD)`` and ``x-ratelimit-remaining-requests: 0`` with a
+  reset two hours out. ``replenish`` starts the day over.
+- ``GET /models`` lists, per key, ``key_models[key]`` if set, else the default model and every
+  model with a limit.
+- ``calls`` logs every answer (time, key fingerprint, method, path, model, status);
+  ``calls_of(key, model=, status=, since=)`` counts them.
+
 Fault scripts
 -------------
 Each key has a list of faults, consumed one per request in order (requests after the script
@@ -56,7 +72,10 @@ Runtime control (JSON): ``GET /_fake/stats`` -> ``{fingerprint: requests}``;
 counters and windows; ``POST /_fake/config`` with any of ``limit`` (``"5/1s"`` or null),
 ``limits`` (``{key_or_fp: "2/1s" | null}``), ``revoke`` / ``restore`` (lists of keys or
 fingerprints), ``faults`` (``{key_or_fp: [fault, ...]}``, appended), ``keys`` (values to accept),
-``latency_ms``, ``stream_chunks``, ``stream_interval_ms``, ``echo_keys``, ``forbid_models``.
+``latency_ms``, ``stream_chunks``, ``stream_interval_ms``, ``echo_keys``, ``forbid_models``,
+``model_limits`` (``{model: "3/1m" | null}``), ``daily_limits`` (``{key_or_fp: n | null}``),
+``key_models`` (``{key_or_fp: [model, ...] | null}``), and the quota switches ``exhaust`` /
+``replenish`` (lists of keys or fingerprints: the admin endpoint that restores a quota).
 Stats never show key values. ``recent`` keeps the last 1,000 requests as seen on the wire
 (method, raw target, headers with credentials masked) so a test can check what arrived.
 
@@ -203,9 +222,14 @@ def _rfc3339(unix: float) -> str:
 class _Key:
     __slots__ = (
         "count",
+        "daily_limit",
+        "daily_used",
         "faults",
         "fp",
         "limit",
+        "model_windows",
+        "models",
+        "quota_out",
         "requests",
         "revoked",
         "statuses",
@@ -217,6 +241,11 @@ class _Key:
         self.value = value
         self.fp = fingerprint(value)
         self.revoked = False
+        self.quota_out = False  # every request: 429 insufficient_quota, GET /models too
+        self.daily_limit: int | None = None  # Groq-style requests per day (model requests)
+        self.daily_used = 0
+        self.model_windows: dict[str, list[float]] = {}  # model -> [window start, count]
+        self.models: tuple[str, ...] | None = None  # what GET /models lists for this key
         self.limit: RateLimit | None = None
         self.window_start = 0.0
         self.count = 0
@@ -265,6 +294,9 @@ class FakeProvider:
         model: str = "fake-model",
         echo_keys: str = "none",
         forbid_models: Iterable[str] = (),
+        model_limits: Mapping[str, str | RateLimit | None] | None = None,
+        out_of_quota: Iterable[str] = (),
+        daily_limits: Mapping[str, int | None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -282,6 +314,13 @@ class FakeProvider:
         self._runner: web.AppRunner | None = None
         self.echo_keys = "none"
         self.forbid_models: frozenset[str] = frozenset()
+        # Per (key, model) windows, as OpenAI, Anthropic and Groq count: model -> limit.
+        self.model_limits: dict[str, RateLimit] = {}
+        # Every model request and probe as answered: (unix time, key fingerprint, method,
+        # path, model or None, status). What a test counts per key, model and window.
+        self.calls: collections.deque[tuple[float, str, str, str, str | None, int]] = (
+            collections.deque(maxlen=100_000)
+        )
         # The last requests as they arrived: (method, raw target, headers, credentials masked).
         self.recent: collections.deque[tuple[str, str, list[tuple[str, str]]]] = collections.deque(
             maxlen=1000
@@ -294,6 +333,9 @@ class FakeProvider:
             faults=faults,
             echo_keys=echo_keys,
             forbid_models=forbid_models,
+            model_limits=model_limits,
+            exhaust=out_of_quota,
+            daily_limits=daily_limits,
         )
 
     # ------------------------------------------------------------------ configuration
@@ -327,8 +369,14 @@ class FakeProvider:
         stream_interval: float | None = None,
         echo_keys: str | None = None,
         forbid_models: Iterable[str] | None = None,
+        model_limits: Mapping[str, str | RateLimit | None] | None = None,
+        exhaust: Iterable[str] = (),
+        replenish: Iterable[str] = (),
+        daily_limits: Mapping[str, int | None] | None = None,
+        key_models: Mapping[str, Sequence[str] | None] | None = None,
     ) -> None:
         """Change behaviour at runtime; arguments left out stay as they are."""
+        self._configure_quota(model_limits, exhaust, replenish, daily_limits, key_models)
         if echo_keys is not None:
             if echo_keys not in _ECHO:
                 raise ValueError(f"echo_keys must be one of {sorted(_ECHO)}")
@@ -354,6 +402,55 @@ class FakeProvider:
         if stream_interval is not None:
             self.stream_interval = stream_interval
 
+    def _configure_quota(
+        self,
+        model_limits: Mapping[str, str | RateLimit | None] | None,
+        exhaust: Iterable[str],
+        replenish: Iterable[str],
+        daily_limits: Mapping[str, int | None] | None,
+        key_models: Mapping[str, Sequence[str] | None] | None,
+    ) -> None:
+        for model, spec in (model_limits or {}).items():
+            limit = RateLimit.parse(spec)
+            if limit is None:
+                self.model_limits.pop(model, None)
+            else:
+                self.model_limits[model] = limit
+        for ident in exhaust:
+            self._find(ident).quota_out = True
+        for ident in replenish:  # the quota is back: out-of-quota and daily counts cleared
+            state = self._find(ident)
+            state.quota_out = False
+            state.daily_used = 0
+        for ident, per_day in (daily_limits or {}).items():
+            if per_day is not None and per_day < 1:
+                raise ValueError("a daily limit must allow at least 1 request")
+            self._find(ident).daily_limit = per_day
+        for ident, listed in (key_models or {}).items():
+            self._find(ident).models = None if listed is None else tuple(listed)
+
+    def exhaust(self, key: str) -> None:
+        """The key runs out of quota: 429 ``insufficient_quota`` until :meth:`replenish`."""
+        self.configure(exhaust=[key])
+
+    def replenish(self, key: str) -> None:
+        """The key's quota is back (and its daily count starts over)."""
+        self.configure(replenish=[key])
+
+    def calls_of(
+        self, key: str, *, model: str | None = None, status: int | None = None, since: float = 0
+    ) -> int:
+        """Answers given to ``key`` (value or fingerprint), filtered."""
+        fp = self._find(key, create=False).fp
+        return sum(
+            1
+            for at, who, _, _, m, code in self.calls
+            if who == fp
+            and at >= since
+            and (model is None or m == model)
+            and (status is None or code == status)
+        )
+
     def revoke(self, key: str) -> None:
         self.configure(revoke=[key])
 
@@ -366,6 +463,8 @@ class FakeProvider:
             state.statuses.clear()
             state.count = 0
             state.window_start = 0.0
+            state.model_windows.clear()
+        self.calls.clear()
 
     def stats(self) -> dict[str, int]:
         """Requests per key fingerprint (every request that named a known key)."""
@@ -489,6 +588,12 @@ class FakeProvider:
                 kwargs["echo_keys"] = str(body["echo_keys"])
             if "forbid_models" in body:
                 kwargs["forbid_models"] = [str(m) for m in body["forbid_models"]]
+            for name in ("model_limits", "daily_limits", "key_models"):
+                if name in body:
+                    kwargs[name] = dict(body[name])
+            for name in ("exhaust", "replenish"):
+                if name in body:
+                    kwargs[name] = [str(k) for k in body[name]]
             self.configure(**kwargs)
         except (ValueError, TypeError, KeyError) as exc:
             return web.json_response({"error": {"message": str(exc)}}, status=400)
@@ -603,13 +708,21 @@ class FakeProvider:
                 return self._error(anthropic, 401, self._rejected_key(value, "invalid API key"))
             state = self._add(value)
         state.requests += 1
-        response = await self._answer(request, state, anthropic, path)
+        named: list[str | None] = [None]
+        response = await self._answer(request, state, anthropic, path, named)
         state.statuses[response.status] += 1
+        self.calls.append((time.time(), state.fp, request.method, path, named[0], response.status))
         return response
 
     async def _answer(
-        self, request: web.Request, state: _Key, anthropic: bool, path: str
+        self,
+        request: web.Request,
+        state: _Key,
+        anthropic: bool,
+        path: str,
+        named: list[str | None],
     ) -> web.StreamResponse:
+        """The answer to one request; ``named[0]`` learns the model it named."""
         fault = state.faults.popleft() if state.faults else None
         delay = self.latency + (fault.delay if fault else 0.0)
         if fault is not None and fault.action == "delay":
@@ -636,8 +749,15 @@ class FakeProvider:
                 {"x-fake-key": state.fp},
                 code="permission_error" if anthropic else "model_not_allowed",
             )
+        model_name = model if isinstance(model, str) else None
+        named[0] = model_name
         now = time.time()
+        refused = self._refuse(state, anthropic, request.method, model_name, now)
+        if refused is not None:
+            return refused
         budget = None if fault is not None else self._budget(state, now)
+        if budget is None and fault is None and request.method == "POST" and model_name:
+            budget = self._model_budget(state, model_name, now)
         call = _Call(state, anthropic, body, budget, fault, {"x-fake-key": state.fp})
         self._limit_headers(call, now)
         if budget is not None and budget.exceeded:
@@ -679,10 +799,70 @@ class FakeProvider:
                 self._messages_stream(request, call) if stream else self._messages(request, call)
             )
         if request.method == "GET" and path.endswith("/models"):
-            return await self._json(request, call, {"object": "list", "data": [self._model()]})
+            names = state.models if state.models is not None else self._listed()
+            data = [self._model(name) for name in names]
+            return await self._json(request, call, {"object": "list", "data": data})
         if request.method == "GET" and "/models/" in path:
             return await self._json(request, call, self._model(path.rsplit("/", 1)[1]))
         return self._error(anthropic, 404, f"unknown path {path}")
+
+    def _listed(self) -> list[str]:
+        return [self.model, *sorted(set(self.model_limits) - {self.model})]
+
+    def _refuse(
+        self, state: _Key, anthropic: bool, method: str, model: str | None, now: float
+    ) -> web.Response | None:
+        """Out of quota (any request, probes too) or over the day's requests (model requests),
+        answered the way OpenAI and Groq do."""
+        headers = {"x-fake-key": state.fp}
+        if state.quota_out:
+            return self._error(
+                anthropic,
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                headers,
+                code="insufficient_quota",
+            )
+        if state.daily_limit is None or method != "POST" or not model:
+            return None
+        state.daily_used += 1
+        if state.daily_used <= state.daily_limit:
+            return None
+        headers.update(
+            {
+                "x-ratelimit-limit-requests": str(state.daily_limit),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "2h0m0s",
+                "retry-after": "7200",
+            }
+        )
+        return self._error(
+            anthropic,
+            429,
+            f"Rate limit reached for model `{model}` in organization `org_fake` service tier "
+            f"`on_demand` on requests per day (RPD): Limit {state.daily_limit}, Used "
+            f"{state.daily_limit}, Requested 1. Please try again in 2h0m0s.",
+            headers,
+        )
+
+    def _model_budget(self, state: _Key, model: str, now: float) -> _Budget | None:
+        """The (key, model) window, for models with a limit of their own."""
+        limit = self.model_limits.get(model)
+        if limit is None:
+            return None
+        window = state.model_windows.setdefault(model, [0.0, 0.0])
+        if now >= window[0] + limit.window:
+            window[0], window[1] = now, 0
+        window[1] += 1
+        used = int(window[1])
+        reset = window[0] + limit.window - now
+        return _Budget(
+            limit.requests,
+            limit.window,
+            max(0, limit.requests - used),
+            reset,
+            used > limit.requests,
+        )
 
     def _model(self, name: str | None = None) -> dict[str, Any]:
         return {"id": name or self.model, "object": "model", "created": 0, "owned_by": "fake"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -791,6 +792,32 @@ def cooling_summary(models: list[str], more: int, key_wide: bool) -> str | None:
         return None
     text = ", ".join(models)
     return f"{text} and {more} more" if more else text
+
+
+def compact_cooling(
+    cooling: Iterable[tuple[str, float]],
+    key_wide: bool,
+    now: float,
+    rfc3339: Callable[[float], str],
+) -> dict[str, Any]:
+    """PoolKey.status fields for a key's per-model cool-downs, compact whatever their number.
+
+    ``cooling``: (model, until) pairs (a model may repeat: the latest deadline wins); those
+    already over at ``now`` are left out. At most ``COOLING_MODELS_SHOWN`` are listed, earliest
+    deadline first; the rest are counted. Returns the camelCase fields to merge into status.
+    """
+    latest: dict[str, float] = {}
+    for model, until in cooling:
+        if until > now and until > latest.get(model, 0.0):
+            latest[model] = until
+    ordered = sorted(latest.items(), key=lambda item: (item[1], item[0]))
+    shown = ordered[:COOLING_MODELS_SHOWN]
+    more = len(ordered) - len(shown)
+    return {
+        "coolingModels": [ModelCooldown(model=m, until=rfc3339(u)).dump() for m, u in shown],
+        "coolingMoreModels": more,
+        "cooling": cooling_summary([m for m, _ in shown], more, key_wide),
+    }
 
 
 def fingerprint(secret: str) -> str:

@@ -17,11 +17,13 @@ from pydantic import BaseModel
 
 from sideproxy import crds
 from sideproxy.models import (
+    MODEL_PATTERN,
     CreditPoolSpec,
     CreditPoolStatus,
     PoolKeySpec,
     PoolKeyStatus,
     ProviderEndpoint,
+    compact_cooling,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,3 +201,36 @@ def test_docs_field_reference_is_current() -> None:
     assert crds.docs_with_reference(text) == text, "run: python -m sideproxy.crds --docs"
     for field in ("spec.weight", "spec.providers[].baseURL", "status.conditions[].type"):
         assert f"`{field}`" in text
+
+
+def test_issue_11_fields_refuse_bad_input_in_the_api_server() -> None:
+    """Unknown scope, negative back-off, an invalid glob: the CRD itself refuses them."""
+    pool = _schema("creditpools.sideproxy.dev.yaml")["root"]["properties"]["spec"]["properties"]
+    assert pool["cooldown"]["properties"]["scope"]["enum"] == ["model", "key"]
+    assert pool["cooldown"]["properties"]["scope"]["default"] == "model"
+    quota = pool["quota"]
+    assert quota["properties"]["backoffSeconds"]["minimum"] == 1
+    assert quota["properties"]["backoffSeconds"]["default"] == 300
+    assert quota["properties"]["maxBackoffSeconds"]["default"] == 21600
+    assert {
+        "rule": "self.maxBackoffSeconds >= self.backoffSeconds",
+        "message": "quota.maxBackoffSeconds must be at least quota.backoffSeconds",
+    } in quota["x-kubernetes-validations"]
+    key = _schema("poolkeys.sideproxy.dev.yaml")["root"]["properties"]
+    models = key["spec"]["properties"]["models"]
+    assert models["items"]["pattern"] == MODEL_PATTERN
+    assert models["maxItems"] == 64
+    status = key["status"]["properties"]
+    assert "Exhausted" in status["phase"]["enum"]
+    assert status["coolingModels"]["maxItems"] == 5
+
+
+def test_per_model_status_is_compact() -> None:
+    cooling = [(f"m{i}", 100.0 + i) for i in range(8)] + [("m0", 200.0), ("old", 5.0)]
+    fields = compact_cooling(cooling, key_wide=False, now=50.0, rfc3339=lambda t: f"t{t:g}")
+    assert [c["model"] for c in fields["coolingModels"]] == ["m1", "m2", "m3", "m4", "m5"]
+    assert fields["coolingMoreModels"] == 3  # m6, m7 and m0 (its later deadline wins)
+    assert fields["cooling"] == "m1, m2, m3, m4, m5 and 3 more"
+    PoolKeyStatus.model_validate(fields)  # fits the status schema
+    assert compact_cooling([], key_wide=True, now=0, rfc3339=str)["cooling"] == "all models"
+    assert compact_cooling([], key_wide=False, now=0, rfc3339=str)["cooling"] is None

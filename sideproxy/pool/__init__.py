@@ -21,6 +21,7 @@ The API (``model`` is the request's model, None for a request without one)::
     pool.impose_cooldown(name, until, now, model=None) -> bool     # what another replica saw
     pool.exhaust(name, until, now) -> bool
     pool.revoke(name, now) -> bool
+    pool.restore(name, now) -> bool              # another replica's probe brought it back
     pool.statuses(now) -> list[KeyStatus]       # reads only; KeyStatus.cooling = ((model, until),)
 
     classify(status, headers, body: bytes | None) -> Verdict

@@ -157,9 +157,22 @@ def headroom_exhausted_until(
 
     "Nearly spent": remaining <= ``floor`` for requests, or remaining <= ``fraction`` of the
     announced limit for any budget. ``None`` means the key has headroom (or nothing was said).
-    This runs on every successful response, so the header names are precomputed.
     """
-    until: float | None = None
+    return headroom(headers, now, floor, fraction, fallback)[0]
+
+
+def headroom(
+    headers: Mapping[str, str], now: float, floor: int, fraction: float, fallback: float
+) -> tuple[float | None, float | None]:
+    """(nearly spent until, spent until) from a successful response's budget headers.
+
+    The first is as ``headroom_exhausted_until``. The second is set only when a budget's
+    remaining is exactly 0 and the provider says when it resets: the next request would earn a
+    429 for sure, so the key rests until then. This runs on every successful response, so the
+    header names are precomputed.
+    """
+    low: float | None = None
+    spent: float | None = None
     for remaining_name, limit_name, reset_name, counts_requests, parse_reset in _BUDGETS:
         raw = headers.get(remaining_name)
         if raw is None:
@@ -168,16 +181,19 @@ def headroom_exhausted_until(
         if remaining is None:
             continue
         limit = _number(headers, limit_name)
-        low = (counts_requests and remaining <= floor) or (
+        is_low = (counts_requests and remaining <= floor) or (
             limit is not None and limit > 0 and remaining <= limit * fraction
         )
-        if not low:
+        if not is_low and remaining > 0:
             continue
         reset_raw = headers.get(reset_name)
         delay = parse_reset(reset_raw, now) if reset_raw is not None else None
-        deadline = now + (delay if delay is not None and delay > 0 else fallback)
-        until = deadline if until is None else max(until, deadline)
-    return until
+        known = delay is not None and delay > 0
+        deadline = now + (delay if known else fallback)  # type: ignore[operator]
+        low = deadline if low is None else max(low, deadline)
+        if remaining <= 0 and known:
+            spent = deadline if spent is None else max(spent, deadline)
+    return low, spent
 
 
 def _go_reset(raw: str, now: float) -> float | None:

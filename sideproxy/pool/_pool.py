@@ -28,7 +28,7 @@ import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping
 
-from sideproxy.pool._headers import headroom_exhausted_until
+from sideproxy.pool._headers import headroom
 from sideproxy.pool._models import Matcher, compile_patterns, serves
 from sideproxy.pool._types import (
     KeyConfig,
@@ -50,9 +50,13 @@ _PROBED = frozenset({KeyHealth.EXHAUSTED, KeyHealth.REVOKED})
 _FAILURES = frozenset(
     {Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.FORBIDDEN}
 )
-# Lanes kept per provider. Model names come from clients; past this the least recently used
-# lane is dropped (its keys' places in it are forgotten, nothing else).
+# Lanes kept per provider. Model names come from clients, so the number of lanes is bounded,
+# and so is their memory (one heap entry per key per lane, ~100 bytes): at most MAX_LANES, and
+# at most MAX_LANE_ENTRIES entries in all (200 lanes at 10,000 keys). Past that the least
+# recently used lane is dropped (its keys' places in it are forgotten, nothing else).
 MAX_LANES = 512
+MIN_LANES = 32
+MAX_LANE_ENTRIES = 2_000_000
 
 
 class _ModelState:
@@ -129,6 +133,11 @@ class Key:
     def __repr__(self) -> str:
         return f"Key({self.name!r}, {self.provider}, tier={self.tier}, {self.health.value})"
 
+    def __lt__(self, other: Key) -> bool:
+        # Heap entries that tie on everything before the key (a stale entry of a key that
+        # left, beside its successor's) must still compare: the order between them is moot.
+        return False
+
     def serves(self, model: str | None) -> bool:
         return serves(self.matcher, model)
 
@@ -150,25 +159,32 @@ class _Tier:
 class _Lane:
     """The schedule of one model (None: requests without one) over the keys that serve it."""
 
-    __slots__ = ("keys", "model", "tier_of", "tiers", "timers", "used")
+    __slots__ = ("model", "size", "tier_of", "tiers", "timers", "used")
 
-    def __init__(self, model: str | None, keys: list[Key], vtimes: Mapping[int, float]) -> None:
+    def __init__(self, model: str | None) -> None:
         self.model = model
-        self.keys = keys
-        levels = sorted({k.tier for k in keys})
-        self.tiers = [_Tier(level, vtimes.get(level, 0.0)) for level in levels]
-        self.tier_of = {t.level: t for t in self.tiers}
+        self.size = 0  # keys that serve this model, whatever their health
+        self.tiers: list[_Tier] = []
+        self.tier_of: dict[int, _Tier] = {}
         self.timers: list[_Entry] = []  # this model's cool-down and headroom deadlines
         self.used = 0.0
 
-    def positions(self) -> dict[str, tuple[float, float, int]]:
-        """Live keys' (due, stride, tier) in this lane: what ``configure`` carries over."""
-        out: dict[str, tuple[float, float, int]] = {}
+    def tier(self, level: int) -> _Tier:
+        tier = self.tier_of.get(level)
+        if tier is None:
+            tier = self.tier_of[level] = _Tier(level)
+            self.tiers.append(tier)
+            self.tiers.sort(key=lambda t: t.level)
+        return tier
+
+    def dues(self, keys: Collection[Key]) -> dict[Key, float]:
+        """Where ``keys`` stand in this lane's schedule (those in rotation)."""
+        out: dict[Key, float] = {}
         for tier in self.tiers:
             for heap in (tier.ready, tier.reserve):
                 for due, _, token, mtoken, key in heap:
-                    if token == key.token and mtoken == key.mtoken(self.model):
-                        out[key.name] = (due, key.stride, tier.level)
+                    if key in keys and token == key.token and mtoken == key.mtoken(self.model):
+                        out[key] = due
         return out
 
 
@@ -177,8 +193,8 @@ class _Group:
 
     __slots__ = ("keys", "lanes", "timers")
 
-    def __init__(self, keys: list[Key]) -> None:
-        self.keys = keys
+    def __init__(self) -> None:
+        self.keys: list[Key] = []
         self.lanes: dict[str | None, _Lane] = {}
         self.timers: list[_Entry] = []
 
@@ -207,67 +223,105 @@ class ManagedCreditPool:
         """Replace the key set; returns the names of keys that left (to drop their metrics).
 
         A key is the same key when name, provider and value are unchanged: it keeps its health,
-        per-model state, counters, a probe in flight, and its place in every schedule. A
-        revocation carries over only when nothing at all changed in the key's configuration.
+        per-model state, counters, a probe in flight, and its place in every schedule (so an
+        unchanged key is not touched at all: the cost is O(keys), not O(keys x models)). A key
+        whose weight changed keeps the fraction of its stride still to run; one whose tier or
+        models changed, and a new key, join at the tier's current virtual time. A revocation
+        carries over only when nothing at all changed in the key's configuration.
         """
         configs = list(keys)
         policy = policy or self._policy
         if policy == self._policy and configs == [k.config for k in self._keys.values()]:
             return frozenset()  # the same table again: nothing to do, nothing to disturb
-        names = set()
+        names: set[str] = set()
         for config in configs:
             if config.name in names:
                 raise ValueError(f"key {config.name!r} is configured twice")
             names.add(config.name)
-        positions = {
-            (provider, model): lane.positions()
-            for provider, group in self._groups.items()
-            for model, lane in group.lanes.items()
-        }
-        vtimes = {
-            (provider, model): {t.level: t.vtime for t in lane.tiers}
-            for provider, group in self._groups.items()
-            for model, lane in group.lanes.items()
-        }
         old = self._keys
         self._policy = policy
         fresh: dict[str, Key] = {}
+        moved: dict[Key, tuple[float, int, Matcher]] = {}  # old (stride, tier, matcher)
+        joined: list[Key] = []
         for order, config in enumerate(configs):
-            previous = old.get(config.name)
-            if (
-                previous is not None
-                and previous.provider == config.provider
-                and previous.secret == config.secret
-            ):
-                key = previous
+            key = old.get(config.name)
+            if key is None or key.provider != config.provider or key.secret != config.secret:
+                key = Key(config, order, policy.round_robin)
+                joined.append(key)
+            else:
                 if key.health is KeyHealth.REVOKED and key.config != config:
                     key.health, key.until, key.probing = KeyHealth.READY, None, False
+                    moved[key] = (key.stride, key.tier, key.matcher)
+                before = (key.stride, key.tier, key.config.models)
+                placed = (key.stride, key.tier, key.matcher)
                 key._apply(config, order, policy.round_robin)
-            else:
-                key = Key(config, order, policy.round_robin)
+                if (key.stride, key.tier, key.config.models) != before:
+                    moved[key] = placed
             fresh[config.name] = key
-        self._install(fresh)
-        for provider, group in self._groups.items():
-            for (p, model), where in positions.items():
-                if p == provider:
-                    self._build_lane(group, model, where, vtimes[(p, model)], 0.0)
-        return frozenset(old) - frozenset(n for n, k in fresh.items() if old.get(n) is k)
-
-    def _install(self, fresh: dict[str, Key]) -> None:
-        by_provider: dict[str, list[Key]] = {}
-        scopes: dict[str, list[Key]] = {}
-        for key in fresh.values():
-            key.token += 1  # entries of the old lanes and timers are gone with them
-            by_provider.setdefault(key.provider, []).append(key)
-            if key.config.quota_scope:
-                scopes.setdefault(key.config.quota_scope, []).append(key)
+        left = [k for n, k in old.items() if fresh.get(n) is not k]
+        for key in left:
+            key.token += 1  # every entry of a key that left is stale
         self._keys = fresh
         self._by_secret = {k.secret: k.name for k in fresh.values()}
-        self._scopes = scopes
-        self._groups = {p: _Group(ks) for p, ks in by_provider.items()}
-        self._probes = []
+        scopes: dict[str, list[Key]] = {}
+        groups: dict[str, _Group] = {}
         for key in fresh.values():
-            self._timers_of(key)
+            group = groups.get(key.provider)
+            if group is None:
+                group = groups[key.provider] = self._groups.get(key.provider) or _Group()
+                group.keys = []
+            group.keys.append(key)
+            if key.config.quota_scope:
+                scopes.setdefault(key.config.quota_scope, []).append(key)
+        self._scopes = scopes
+        self._groups = groups
+        for key in left:
+            self._resize(key, key.matcher, None, has=False)
+        self._move(moved)
+        for key in joined:
+            self._resize(key, None, key.matcher, had=False)
+            for lane in self._groups[key.provider].lanes.values():
+                if key.serves(lane.model):
+                    self._place(lane, key, None, -math.inf)
+        return frozenset(k.name for k in left)
+
+    def _resize(
+        self, key: Key, before: Matcher, after: Matcher, had: bool = True, has: bool = True
+    ) -> None:
+        """Keep each lane's count of the keys serving its model right."""
+        group = self._groups.get(key.provider)
+        if group is None:
+            return
+        for lane in group.lanes.values():
+            model = lane.model
+            lane.size += int(has and serves(after, model)) - int(had and serves(before, model))
+
+    def _move(self, moved: Mapping[Key, tuple[float, int, Matcher]]) -> None:
+        """Re-place keys whose stride, tier or models changed, keeping what can be kept."""
+        if not moved:
+            return
+        by_group: dict[str, list[Key]] = {}
+        for key in moved:
+            by_group.setdefault(key.provider, []).append(key)
+        for provider, keys in by_group.items():
+            group = self._groups[provider]
+            members = set(keys)
+            dues = {model: lane.dues(members) for model, lane in group.lanes.items()}
+            for key in keys:
+                stride, tier, matcher = moved[key]
+                self._resize(key, matcher, key.matcher)
+                key.token += 1  # its old entries, everywhere, are stale
+                self._timers_of(key)
+                for model, lane in group.lanes.items():
+                    if not key.serves(model):
+                        continue
+                    due = dues[model].get(key)
+                    if due is not None and (tier != key.tier or stride <= 0 or key.stride <= 0):
+                        due = None  # another tier, or from idle: join at the present
+                    if due is not None:
+                        vtime = lane.tier(key.tier).vtime
+                        due = vtime + (due - vtime) * key.stride / stride
+                    self._place(lane, key, due, -math.inf)
 
     def providers(self) -> set[str]:
         return set(self._groups)
@@ -285,8 +339,8 @@ class ManagedCreditPool:
             return False
         lane = group.lanes.get(model)
         if lane is not None:
-            return bool(lane.keys)
-        return any(k.serves(model) for k in group.keys)
+            return lane.size > 0
+        return self._build_lane(group, model, 0.0).size > 0
 
     # ------------------------------------------------------------------ selection
 
@@ -306,7 +360,7 @@ class ManagedCreditPool:
             return None
         lane = group.lanes.get(model)
         if lane is None:
-            lane = self._build_lane(group, model, {}, {}, now)
+            lane = self._build_lane(group, model, now)
         lane.used = now
         timers = group.timers
         if timers and timers[0][0] <= now:
@@ -362,14 +416,18 @@ class ManagedCreditPool:
             return None
         lane = group.lanes.get(model)
         if lane is None:
-            lane = self._build_lane(group, model, {}, {}, now)
+            lane = self._build_lane(group, model, now)
         self._expire(group, now)
         self._expire_lane(lane, now)
         for tier in lane.tiers:
             if self._live(tier.ready, model) or self._live(tier.reserve, model):
                 return now
         # The error path only (no key usable): a scan of the lane's keys is fine here.
-        times = [t for k in lane.keys if (t := self._recovery(k, model, now)) is not None]
+        times = [
+            t
+            for k in group.keys
+            if k.serves(model) and (t := self._recovery(k, model, now)) is not None
+        ]
         return min(times) if times else None
 
     def _recovery(self, key: Key, model: str | None, now: float) -> float | None:
@@ -422,14 +480,7 @@ class ManagedCreditPool:
                 # The probe was answered, just not served: the next request probes again.
                 self._set(key, KeyHealth.HALF_OPEN, None, now)
             until = self._policy.cooldown_deadline(headers, now)
-            changed = []
-            for peer in self._peers(key):
-                if model is None:
-                    if self._cool(peer, until, now):
-                        changed.append(self._transition(peer, "RateLimited"))
-                elif self._cool_model(peer, model, until, now):
-                    changed.append(self._transition(peer, "RateLimited", model, until))
-            return changed
+            return self._rest(key, until, now, model, "RateLimited")
         if outcome is Outcome.EXHAUSTED:
             key.exhausted += 1
             return [
@@ -459,20 +510,24 @@ class ManagedCreditPool:
         if not headers or key.health not in (KeyHealth.READY, KeyHealth.LOW_HEADROOM):
             return []
         policy = self._policy
-        until = headroom_exhausted_until(
+        until, spent = headroom(
             headers,
             now,
             policy.headroom_floor,
             policy.headroom_fraction,
             policy.headroom_fallback,
         )
+        if spent is not None:
+            # A budget at 0 with a known reset: the next request would earn a 429 for sure,
+            # so the key (and its quotaScope, which shares the budget) rests until the reset.
+            return self._rest(key, min(spent, now + policy.max_cooldown), now, model, "Spent")
         if until is not None:
             # Deprioritised, not out; still never for longer than any cool-down.
             until = min(until, now + policy.max_cooldown)
         if model is not None:
             state = key.limits.get(model)
             if until is not None and (state is None or (state.low_until or 0) < until):
-                self._set_model(key, model, None, until, now)
+                self._set_model(key, model, state.cool_until if state else None, until, now)
             elif until is None and state is not None and state.low_until is not None:
                 self._set_model(key, model, state.cool_until, None, now)
         elif until is not None:
@@ -481,6 +536,19 @@ class ManagedCreditPool:
         elif key.health is KeyHealth.LOW_HEADROOM:
             self._set(key, KeyHealth.READY, None, now)
         return []
+
+    def _rest(
+        self, key: Key, until: float, now: float, model: str | None, reason: str
+    ) -> list[Transition]:
+        """Cool a key and its quotaScope peers, for one model or (model None) every model."""
+        changed = []
+        for peer in self._peers(key):
+            if model is None:
+                if self._cool(peer, until, now):
+                    changed.append(self._transition(peer, reason))
+            elif self._cool_model(peer, model, until, now):
+                changed.append(self._transition(peer, reason, model, until))
+        return changed
 
     def _failure(self, key: Key, now: float) -> list[Transition]:
         policy = self._policy
@@ -559,6 +627,14 @@ class ManagedCreditPool:
         if key is None or until <= now:
             return False
         return self._exhaust(key, min(until, now + self._policy.quota_max_backoff), now)
+
+    def restore(self, name: str, now: float) -> bool:
+        """Bring back an exhausted or revoked key (another replica's probe passed)."""
+        key = self._keys.get(name)
+        if key is None or key.health not in _PROBED:
+            return False
+        self._set(key, KeyHealth.READY, None, now)
+        return True
 
     def revoke(self, name: str, now: float) -> bool:
         """Take a key out (the cluster says it is revoked); probed every quota_max_backoff."""
@@ -747,54 +823,52 @@ class ManagedCreditPool:
             if state.low_until is not None:
                 reserve = True
                 heapq.heappush(lane.timers, (state.low_until, key.order, key.token, mtoken, key))
-        tier = lane.tier_of[key.tier]
+        tier = lane.tier(key.tier)
         if due is None:
             due = tier.vtime + 0.5 * key.stride
         heap = tier.reserve if reserve else tier.ready
         heapq.heappush(heap, (due, key.order, key.token, mtoken, key))
-        if len(heap) > 64 and len(heap) > 3 * len(lane.keys):
+        if len(heap) > 64 and len(heap) > 3 * lane.size:
             # Many state flips left stale entries behind; compact instead of growing.
             heap[:] = [e for e in heap if e[2] == e[4].token and e[3] == e[4].mtoken(model)]
             heapq.heapify(heap)
 
-    def _build_lane(
-        self,
-        group: _Group,
-        model: str | None,
-        positions: Mapping[str, tuple[float, float, int]],
-        vtimes: Mapping[int, float],
-        now: float,
-    ) -> _Lane:
-        """A model's schedule over the keys that serve it; ``positions`` carried over."""
-        if len(group.lanes) >= MAX_LANES and model not in group.lanes:
+    def _build_lane(self, group: _Group, model: str | None, now: float) -> _Lane:
+        """A new model's schedule over the keys that serve it (on its first request)."""
+        cap = max(MIN_LANES, min(MAX_LANES, MAX_LANE_ENTRIES // max(len(group.keys), 1)))
+        while len(group.lanes) >= cap:
             oldest = min(
                 (m for m in group.lanes if m is not None), key=lambda m: group.lanes[m].used
             )
             del group.lanes[oldest]
-        members = [k for k in group.keys if k.serves(model)]
-        lane = _Lane(model, members, vtimes)
+        lane = _Lane(model)
         lane.used = now
         group.lanes[model] = lane
         by_tier: dict[int, list[Key]] = {}
-        for key in members:
-            by_tier.setdefault(key.tier, []).append(key)
+        for key in group.keys:
+            if key.serves(model):
+                by_tier.setdefault(key.tier, []).append(key)
+                lane.size += 1
         for level, keys in by_tier.items():
-            vtime = lane.tier_of[level].vtime
+            tier = lane.tier(level)
+            # Stagger first due times across the tier, (rank + 1/2) / n of a stride, so equal
+            # weights become round-robin in configuration order and light keys don't bunch up
+            # behind a heavy one.
+            n = len(keys)
+            plain: list[_Entry] = []
             for rank, key in enumerate(keys):
-                where = positions.get(key.name)
-                due: float | None = None
-                if where is not None:
-                    old_due, old_stride, old_level = where
-                    if old_level == level and old_stride > 0 and key.stride > 0:
-                        # Keep the fraction of a stride still to run (weight change: rescaled).
-                        due = vtime + (old_due - vtime) * key.stride / old_stride
-                elif not positions:
-                    # A lane built from scratch: stagger first due times across the tier,
-                    # (rank + 1/2) / n of a stride, so equal weights become round-robin in
-                    # configuration order and light keys don't bunch up behind a heavy one.
-                    due = vtime + key.stride * (rank + 0.5) / len(keys)
-                # Otherwise a newcomer to a running lane: it joins at the tier's present.
-                self._place(lane, key, due, now)
+                due = key.stride * (rank + 0.5) / n
+                if (
+                    key.health is KeyHealth.READY
+                    and not key.probing
+                    and key.stride > 0
+                    and (model is None or model not in key.limits)
+                ):
+                    plain.append((due, key.order, key.token, 0, key))  # the common case
+                else:
+                    self._place(lane, key, due, now)
+            tier.ready.extend(plain)
+            heapq.heapify(tier.ready)
         return lane
 
     def _timer(self, key: Key, when: float) -> None:

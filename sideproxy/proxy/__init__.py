@@ -9,7 +9,7 @@ against what the rest of the repository imports)::
     running(app) -> url                 async context manager: serve in this event loop
     new_event_loop()                    uvloop's loop when installed
     configure_logging(fmt, level)       text or JSON log lines
-    Runtime                             applies source events to the app (app[RUNTIME])
+    ConfigRuntime                       applies source events to the app (app[RUNTIME])
     TransitionHook                      the type of ``on_transitions``
     sources: ConfigSource, Snapshot, SourceEvent, Rejected, SourceUnavailable, EnvSource,
              FileSource, StaticSource, QueueSource, load_file, cluster_source,
@@ -22,7 +22,15 @@ transport plugs into in ``sideproxy.proxy._exchange``.
 Routing rule and path safety: see ``sideproxy.proxy._paths``.
 """
 
-from sideproxy.proxy._app import FORWARDER, METRICS, POOL, RUNTIME, SETTINGS, Runtime, create_app
+from sideproxy.proxy._app import (
+    FORWARDER,
+    METRICS,
+    POOL,
+    RUNTIME,
+    SETTINGS,
+    ConfigRuntime,
+    create_app,
+)
 from sideproxy.proxy._errors import ProxyError, error_response
 from sideproxy.proxy._forward import TransitionHook
 from sideproxy.proxy._logging import configure_logging
@@ -49,6 +57,7 @@ __all__ = [
     "POOL",
     "RUNTIME",
     "SETTINGS",
+    "ConfigRuntime",
     "ConfigSource",
     "EnvSource",
     "FileSource",
@@ -56,7 +65,6 @@ __all__ = [
     "ProxySettings",
     "QueueSource",
     "Rejected",
-    "Runtime",
     "Snapshot",
     "SourceEvent",
     "SourceUnavailable",

@@ -13,10 +13,11 @@ Endpoints::
     /status                  and fingerprints only); needs the virtual key when auth is on
     /v1/..., /<provider>/v1/...   the proxy (see ``sideproxy.proxy._paths``)
 
-Lifecycle (``cleanup_ctx``, in order): the upstream ``ClientSession`` (one per process), then the
-config-source task. On shutdown aiohttp stops listening, waits for in-flight requests (streams
-included) up to ``shutdown_timeout``, and only then unwinds these: source task first, session
-last.
+Lifecycle (``cleanup_ctx``, in order): the upstream ``ClientSession`` (one per process), the
+config-source task, then the key-probe task (``_probes``: token-free ``GET <baseURL>/models``
+for exhausted and revoked keys). On shutdown aiohttp stops listening, waits for in-flight
+requests (streams included) up to ``shutdown_timeout``, and only then unwinds these in reverse:
+probes, source task, session last.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sideproxy.proxy._compile import Compiled, CompileError, compile_snapshot
 from sideproxy.proxy._errors import ProxyError, Unauthorized, error_response
 from sideproxy.proxy._forward import Forwarder, TransitionHook
 from sideproxy.proxy._metrics import Metrics
+from sideproxy.proxy._probes import Prober
 from sideproxy.proxy._settings import ProxySettings
 from sideproxy.proxy.sources import ConfigSource, Rejected, Snapshot, SourceEvent
 
@@ -49,7 +51,7 @@ __all__ = [
     "POOL",
     "RUNTIME",
     "SETTINGS",
-    "Runtime",
+    "ConfigRuntime",
     "create_app",
 ]
 
@@ -84,7 +86,7 @@ METRICS = web.AppKey("sideproxy.metrics", Metrics)
 SETTINGS = web.AppKey("sideproxy.settings", ProxySettings)
 
 
-class Runtime:
+class ConfigRuntime:
     """Applies source events: compile, configure the pool, swap ``Compiled`` in one assignment."""
 
     def __init__(
@@ -233,7 +235,7 @@ class Runtime:
         return body
 
 
-RUNTIME = web.AppKey("sideproxy.runtime", Runtime)
+RUNTIME = web.AppKey("sideproxy.runtime", ConfigRuntime)
 
 
 # --------------------------------------------------------------------------- middleware
@@ -342,7 +344,7 @@ def create_app(
     )
     metrics = Metrics(pool, clock)
     forwarder = Forwarder(settings, pool, metrics, clock, on_transitions)
-    runtime = Runtime(
+    runtime = ConfigRuntime(
         settings=settings,
         source=source or _NoSource(),
         pool=pool,
@@ -366,6 +368,7 @@ def create_app(
 
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_source_ctx)
+    app.cleanup_ctx.append(_probe_ctx)
     return app
 
 
@@ -405,6 +408,18 @@ async def _source_ctx(app: web.Application) -> AsyncIterator[None]:
             _describe(runtime.source),
             timeout,
         )
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _probe_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Token-free probes of exhausted and revoked keys, for the life of the app."""
+    prober = Prober(app[FORWARDER], app[SETTINGS].probe_interval)
+    task = asyncio.create_task(prober.run(), name="sideproxy-key-probes")
     try:
         yield
     finally:

@@ -24,8 +24,8 @@ from sideproxy.pool import Key, Outcome
 
 __all__ = ["Attempt", "Learn", "judge"]
 
-# (key, outcome, the provider's headers, the metric label)
-Learn = Callable[[Key, Outcome, Mapping[str, str] | None, str], None]
+# (key, outcome, the provider's headers, the metric label, the model it is about or None)
+Learn = Callable[[Key, Outcome, Mapping[str, str] | None, str, str | None], None]
 
 _RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.SERVER_ERROR})
 
@@ -41,20 +41,27 @@ def judge(status: int, replayable: bool) -> tuple[Outcome, bool]:
 class Attempt:
     """A key acquired for one request; ``release`` tells the pool what happened, once."""
 
-    __slots__ = ("_learn", "key", "released")
+    __slots__ = ("_learn", "key", "model", "released")
 
-    def __init__(self, key: Key, learn: Learn) -> None:
+    def __init__(self, key: Key, learn: Learn, model: str | None = None) -> None:
         self.key = key
         self._learn = learn
+        self.model = model  # the request's model: what a rate limit is about by default
         self.released = False
 
     def release(
-        self, outcome: Outcome, label: str, headers: Mapping[str, str] | None = None
+        self,
+        outcome: Outcome,
+        label: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        key_wide: bool = False,
     ) -> None:
+        """``key_wide``: the answer is about the whole key (out of quota), not the model."""
         if self.released:
             return
         self.released = True
-        self._learn(self.key, outcome, headers, label)
+        self._learn(self.key, outcome, headers, label, None if key_wide else self.model)
 
     def abandon(self, label: str = "cancelled") -> None:
         """Nothing was learnt (the client left): free the key without judging it."""

@@ -40,12 +40,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition
+from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition, classify
 from sideproxy.proxy._admit import Admission, Ticket, window_from_env
 from sideproxy.proxy._attempt import Attempt, Learn, judge
 from sideproxy.proxy._bodies import decoded, is_json, key_level_403, scrub, whole_json
 from sideproxy.proxy._errors import (
     NoKeyAvailable,
+    NotFound,
     NotReady,
     ProxyError,
     Unauthorized,
@@ -82,6 +83,8 @@ access_log = logging.getLogger("sideproxy.access")
 
 _INFO = logging.INFO
 _monotonic = time.monotonic
+# Statuses whose body may say "out of quota" (insufficient_quota, billing, daily limits).
+_QUOTA_STATUSES = frozenset({400, 402, 403, 429})
 _ERROR_CAP = 65536  # error bodies are read (and scrubbed) up to this even when buffer_limit is 0
 
 _UNAUTHORIZED = (
@@ -267,7 +270,13 @@ class Forwarder:
         if compiled is not self._admitted_for:
             self._admitted_for = compiled
             self.admission.configure(compiled.virtual_keys.limits, compiled_models(compiled))
+        # The client's own limits before the pool's: a refusal here touches no key.
         ctx.ticket = self.admission.admit(identity, route.model)
+        if route.model is not None and not self.pool.serves(upstream.provider, route.model):
+            raise NotFound(
+                f"no key of this pool serves model {route.model[:128]!r}",
+                code="model_not_found",
+            )
         return await self._attempts(ctx)
 
     # ------------------------------------------------------------------ attempts
@@ -279,12 +288,13 @@ class Forwarder:
                 first_byte = self._first_byte(ctx, n)
                 if first_byte is None:
                     break
-                key = self.pool.acquire(provider, self.clock(), [a.key.name for a in ctx.opened])
+                tried = [a.key.name for a in ctx.opened]
+                key = self.pool.acquire(provider, self.clock(), tried, model=ctx.route.model)
                 if key is None:
                     break
                 if n:
                     self.metrics.retry(provider, _reason(ctx.failure))
-                attempt = Attempt(key, self._learner(provider))
+                attempt = Attempt(key, self._learner(provider), ctx.route.model)
                 ctx.opened.append(attempt)
                 ctx.key, ctx.attempts = key, n + 1
                 try:
@@ -428,8 +438,14 @@ class Forwarder:
         status = resp.status
         outcome, retry = judged
         headers, shown, key_bad = _safe_error(attempt, resp, payload, ctx.provider)
+        key_wide = key_bad
         if key_bad:
             outcome, retry = Outcome.UNAUTHORIZED, True
+        elif status in _QUOTA_STATUSES and classify(status, resp.headers, payload).outcome is (
+            Outcome.EXHAUSTED
+        ):
+            # Out of quota: the key is out for every model; another key may still answer.
+            outcome, retry, key_wide = Outcome.EXHAUSTED, True, True
         elif status == 403:
             if ctx.held is None and len(ctx.opened) < ctx.compiled.max_attempts:
                 # Ask another key before blaming this one; released when that one answers.
@@ -438,7 +454,7 @@ class Forwarder:
             # The same request refused twice (or no one left to ask): the request's fault,
             # nothing learnt about either key.
             outcome = Outcome.OK
-        attempt.release(outcome, str(status), resp.headers)
+        attempt.release(outcome, str(status), resp.headers, key_wide=key_wide)
         if retry:
             raise _MoveOn(_Failure(status, headers, shown), True)
         # A 4xx from another key does not show that a held key was at fault.
@@ -468,7 +484,7 @@ class Forwarder:
 
     def _retry_after(self, ctx: _Ctx) -> int:
         now = self.clock()
-        recovery = self.pool.next_recovery(ctx.provider, now)
+        recovery = self.pool.next_recovery(ctx.provider, now, model=ctx.route.model)
         if recovery is None:  # no key will recover by itself (all revoked, or none)
             return max(1, math.ceil(ctx.compiled.policy.default_cooldown))
         return max(1, math.ceil(recovery - now))
@@ -523,17 +539,25 @@ class Forwarder:
 
     # ------------------------------------------------------------------ learning
 
-    def _learner(
-        self, provider: str
-    ) -> Callable[[Key, Outcome, Mapping[str, str] | None, str], None]:
+    def _learner(self, provider: str) -> Learn:
+        """What an ``Attempt`` calls on release (one function per provider, made once)."""
+        found = self._learners.get(provider)
+        if found is not None:
+            return found
+
         def learn(
-            key: Key, outcome: Outcome, headers: Mapping[str, str] | None, label: str
+            key: Key,
+            outcome: Outcome,
+            headers: Mapping[str, str] | None,
+            label: str,
+            model: str | None,
         ) -> None:
             self.metrics.upstream(key.name, provider, label)
-            transitions = self.pool.release(key, outcome, self.clock(), headers)
+            transitions = self.pool.release(key, outcome, self.clock(), headers, model=model)
             if transitions:
                 self.report(transitions)
 
+        self._learners[provider] = learn
         return learn
 
     def report(self, transitions: list[Transition]) -> None:

@@ -23,7 +23,19 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+_GLOB = frozenset("*?[")
+
+
+def _named(models: tuple[str, ...]) -> frozenset[str]:
+    """The exact model names of a key's ``models`` list (globs name no one model)."""
+    return frozenset(m for m in models if not _GLOB.intersection(m))
+
+
 class _KeyStateCollector(Collector):
+    """Key state at scrape time, from ``pool.statuses`` (which only reads: a scrape never
+    changes the pool). A ``model`` label appears only for models a PoolKey names exactly, so
+    client input can never grow the series; other cooling models are only counted."""
+
     def __init__(self, pool: ManagedCreditPool, clock: Callable[[], float]) -> None:
         self._pool = pool
         self._clock = clock
@@ -32,21 +44,37 @@ class _KeyStateCollector(Collector):
         now = self._clock()
         state = GaugeMetricFamily(
             "sideproxy_key_state",
-            "1 for each key's current health (ready, low-headroom, cooling, open, half-open, "
-            "revoked).",
+            "1 for each key's current key-wide health (ready, low-headroom, cooling, open, "
+            "half-open, exhausted, revoked).",
             labels=["key", "provider", "state"],
         )
         until = GaugeMetricFamily(
             "sideproxy_key_unavailable_seconds",
-            "Seconds until a cooling or open key may be used again.",
+            "Seconds until a key out for every model (cooling, open, exhausted) may be used or "
+            "probed again.",
             labels=["key", "provider"],
         )
+        models = GaugeMetricFamily(
+            "sideproxy_key_models_cooling",
+            "How many models a key is cooling for (rate-limited per model).",
+            labels=["key", "provider"],
+        )
+        model_until = GaugeMetricFamily(
+            "sideproxy_key_model_cooling_seconds",
+            "Seconds until a key may serve a model again, for models its PoolKey names.",
+            labels=["key", "provider", "model"],
+        )
         for status in self._pool.statuses(now):
-            state.add_metric([status.name, status.provider, str(status.health)], 1.0)
+            key = [status.name, status.provider]
+            state.add_metric([*key, str(status.health)], 1.0)
             if status.until is not None:
-                until.add_metric([status.name, status.provider], max(0.0, status.until - now))
-        yield state
-        yield until
+                until.add_metric(key, max(0.0, status.until - now))
+            models.add_metric(key, float(len(status.cooling)))
+            named = _named(status.models)
+            for model, deadline in status.cooling:
+                if model in named:
+                    model_until.add_metric([*key, model], max(0.0, deadline - now))
+        yield from (state, until, models, model_until)
 
 
 class Metrics:
@@ -97,6 +125,13 @@ class Metrics:
             "From the client's request arriving to the first response byte sent back.",
             ["provider"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._probes = Counter(
+            "sideproxy_key_probes",
+            "Token-free probes (GET <baseURL>/models) of exhausted or revoked keys, by result "
+            "(ok: the key is back; refused; no_answer).",
+            ["provider", "result"],
             registry=r,
         )
         self.inflight = Gauge(
@@ -151,6 +186,9 @@ class Metrics:
         if child is None:
             child = self._ttfb_children[provider] = self._ttfb.labels(provider)
         child.observe(seconds)
+
+    def probe(self, provider: str, result: str) -> None:
+        self._probes.labels(provider, result).inc()
 
     def no_key(self, provider: str) -> None:
         self._no_key.labels(provider).inc()

@@ -45,6 +45,8 @@ class ProxySettings:
     connection_limit: int = 0
     upstream_keepalive: float = 30.0
     dns_cache_ttl: int = 60
+    # How often the pool is asked which exhausted or revoked keys are due a token-free probe.
+    probe_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_body_size < 1 or self.max_header_size < 256 or self.buffer_limit < 0:
@@ -53,3 +55,5 @@ class ProxySettings:
             raise ValueError("max_headers must be at least 16")
         if not (self.body_read_timeout > 0 and self.keepalive_timeout > 0):
             raise ValueError("body_read_timeout and keepalive_timeout must be > 0")
+        if not self.probe_interval > 0:
+            raise ValueError("probe_interval must be > 0")

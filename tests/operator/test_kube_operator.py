@@ -202,6 +202,7 @@ def test_three_keys_make_configmap_secret_and_status(cluster: Cluster, operator:
         "TIER": "0",
         "WEIGHT": "3",
         "STATE": "Ready",
+        "COOLING": "",
         "COOLDOWN-UNTIL": "",
         "429S": "0",
         "AGE": keys["k-a"]["AGE"],

@@ -69,7 +69,7 @@ def test_low_headroom_is_deprioritised_before_a_429() -> None:
         pool,
         "a",
         Outcome.OK,
-        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "5s"},
+        {"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "5s"},
     )
     assert health(pool, "a") is KeyHealth.LOW_HEADROOM
     assert {pool.acquire("groq", NOW).name for _ in range(4)} == {"b"}  # type: ignore[union-attr]
@@ -77,6 +77,28 @@ def test_low_headroom_is_deprioritised_before_a_429() -> None:
     pool.mark_as_cooling("b", NOW, seconds=60)
     assert pool.acquire("groq", NOW).name == "a"  # type: ignore[union-attr]
     assert health(pool, "a", NOW + 5) is KeyHealth.READY
+
+
+def test_a_spent_budget_rests_the_key_until_its_reset() -> None:
+    """Remaining 0 with a reset: the next request would be a 429 for sure, even as the tier's
+    last resort (at concurrency 8 every in-flight request went to it and earned one)."""
+    pool = pool_of("a", "b")
+    changes = use(
+        pool,
+        "a",
+        Outcome.OK,
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "5s"},
+    )
+    assert [(c.name, c.health, c.until, c.reason) for c in changes] == [
+        ("a", KeyHealth.COOLING, NOW + 5, "Spent")
+    ]
+    pool.mark_as_cooling("b", NOW, seconds=60)
+    assert pool.acquire("groq", NOW) is None
+    assert pool.acquire("groq", NOW + 5).name == "a"  # type: ignore[union-attr]
+    # Spent without a reset header: only deprioritised (no deadline to rest until).
+    pool = pool_of("a", "b")
+    assert use(pool, "a", Outcome.OK, {"x-ratelimit-remaining-requests": "0"}) == []
+    assert health(pool, "a") is KeyHealth.LOW_HEADROOM
 
 
 def test_headroom_recovers_on_a_later_roomy_response() -> None:

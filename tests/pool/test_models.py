@@ -101,7 +101,7 @@ def test_remote_cooldown_for_a_model() -> None:
 
 def test_low_headroom_for_a_model_spares_that_model_only() -> None:
     pool = pool_of("a", "b")
-    low = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"}
+    low = {"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "20s"}
     key = pool.acquire("groq", NOW, model="big")
     assert key is not None
     pool.release(key, Outcome.OK, NOW, low, "big")
@@ -147,3 +147,40 @@ def test_equal_share_per_model_whatever_the_interleaving() -> None:
     assert Counter(small) == {"a": 5, "b": 5}
     assert "a,a" not in ",".join(big)
     assert "b,b" not in ",".join(big)
+
+
+def test_model_names_from_clients_cannot_grow_the_pool_without_bound() -> None:
+    pool = pool_of("a", "b")
+    for i in range(2_000):
+        assert pool.acquire("groq", NOW + i, model=f"made-up-{i}") is not None
+    group = pool._groups["groq"]
+    assert len(group.lanes) <= 512
+    # The recently used models keep their schedules.
+    assert "made-up-1999" in group.lanes
+    assert Counter(picks(pool, "made-up-1999", 4, NOW + 2_000)) == {"a": 2, "b": 2}
+
+
+def test_a_late_success_with_low_headroom_does_not_end_a_models_cool_down() -> None:
+    pool = pool_of("a", "b")
+    first = pool.acquire("groq", NOW, exclude={"b"}, model="big")
+    late = pool.acquire("groq", NOW, exclude={"b"}, model="big")
+    assert first is late is not None
+    pool.release(first, Outcome.RATE_LIMITED, NOW, {"retry-after": "30"}, "big")  # type: ignore[arg-type]
+    low = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "5s"}
+    pool.release(late, Outcome.OK, NOW + 1, low, "big")  # type: ignore[arg-type]
+    assert set(picks(pool, "big", 3, NOW + 10)) == {"b"}
+    assert pool.statuses(NOW + 10)[0].cooling == (("big", NOW + 30),)
+
+
+def test_a_spent_budget_for_a_model_rests_that_model_only() -> None:
+    pool = pool_of("a", "b")
+    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"}
+    key = pool.acquire("groq", NOW, exclude={"b"}, model="big")
+    assert key is not None
+    (change,) = pool.release(key, Outcome.OK, NOW, spent, "big")
+    assert (change.model, change.until, change.reason) == ("big", NOW + 20, "Spent")
+    assert key.rate_limited == 0  # not a 429
+    pool.impose_cooldown("b", NOW + 60, NOW, model="big")
+    assert pool.acquire("groq", NOW, model="big") is None  # not even as the last resort
+    assert set(picks(pool, "small", 4)) == {"a", "b"}
+    assert set(picks(pool, "big", 2, NOW + 20)) == {"a"}

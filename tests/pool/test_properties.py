@@ -88,3 +88,57 @@ def test_tiers_honoured_when_all_healthy(specs: list[tuple[int, int]]) -> None:
         key = pool.acquire("groq", NOW)
         assert key is not None
         assert key.tier == best
+
+
+model_events = st.lists(
+    st.tuples(
+        st.integers(0, 11),  # which key
+        st.sampled_from(list(Outcome)),
+        st.sampled_from([None, "big", "small"]),  # the model the answer was about
+        st.integers(0, 40),  # seconds later
+        st.booleans(),  # with low-headroom headers
+    ),
+    max_size=40,
+)
+LOW = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"}
+
+
+@given(key_specs, model_events, st.sampled_from(["big", "small"]))
+@settings(max_examples=300, deadline=None)
+def test_per_model_state_never_hands_out_a_key_resting_for_that_model(
+    specs: list[tuple[int, int]],
+    history: list[tuple[int, Outcome, str | None, int, bool]],
+    model: str,
+) -> None:
+    """Whatever happened to which key for which model: a pick for ``model`` is never a key that
+    is cooling for it or out key-wide, and if any key can serve it, one is picked."""
+    pool = build(specs)
+    now = NOW
+    for index, outcome, about, later, low in history:
+        now += later
+        key = pool.acquire("groq", now, model=about)
+        if key is None:
+            continue
+        target = pool._keys.get(f"k{index % len(specs)}")
+        chosen = target if target is not None else key
+        headers = LOW if low else {"retry-after": "30"}
+        pool.release(chosen, outcome, now, headers, about)
+        if chosen is not key:
+            pool.release(key, Outcome.CANCELLED, now, None, about)
+
+        usable = [
+            s
+            for s in pool.statuses(now)
+            if s.health in (KeyHealth.READY, KeyHealth.LOW_HEADROOM, KeyHealth.HALF_OPEN)
+            and s.weight > 0
+            and model not in dict(s.cooling)
+            and not (s.health is KeyHealth.HALF_OPEN and pool._keys[s.name].probing)
+        ]
+        picked = pool.acquire("groq", now, model=model)
+        if usable:
+            assert picked is not None, (usable, pool.statuses(now))
+        if picked is not None:
+            state = next(s for s in pool.statuses(now) if s.name == picked.name)
+            assert model not in dict(state.cooling)
+            assert state.health in (KeyHealth.READY, KeyHealth.LOW_HEADROOM, KeyHealth.HALF_OPEN)
+            pool.release(picked, Outcome.CANCELLED, now, None, model)

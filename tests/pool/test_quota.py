@@ -120,3 +120,12 @@ def test_remote_exhaustion_is_applied_as_a_delta() -> None:
     assert pool.exhaust("a", NOW + 60, NOW) is False
     assert health(pool, "a") is KeyHealth.EXHAUSTED
     assert [k.name for k in pool.probes_due(NOW + 600)] == ["a"]
+
+
+def test_a_probe_passed_elsewhere_brings_the_key_back() -> None:
+    pool = pool_of(key("a"), key("b"))
+    exhaust(pool, "a")
+    assert pool.restore("a", NOW + 5) is True
+    assert pool.restore("a", NOW + 5) is False
+    assert health(pool, "a", NOW + 5) is KeyHealth.READY
+    assert pool.probes_due(NOW + 300) == []

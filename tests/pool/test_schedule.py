@@ -98,6 +98,8 @@ ops = st.lists(
     st.one_of(
         st.just(("pick", 0)),
         st.tuples(st.just("configure"), st.integers(0, 1)),
+        # A key of another tier joins, changes weight, leaves: the schedule of tier 0 holds.
+        st.tuples(st.just("other"), st.integers(0, 3)),
         st.tuples(st.just("overlap"), st.integers(1, 3)),  # picks held, released later
     ),
     min_size=1,
@@ -116,6 +118,10 @@ def test_any_interleaving_keeps_every_key_within_one_of_its_share(
     for op, arg in history:
         if op == "configure":
             pool.configure(configs(weights), policies()[arg])
+            continue
+        if op == "other":
+            extra = [KeyConfig("x", "groq", "sk-x", tier=5, weight=arg)] if arg else []
+            pool.configure([*configs(weights), *extra])
             continue
         for _ in range(1 if op == "pick" else arg):
             key = pool.acquire("groq", NOW, model=model)

@@ -21,9 +21,9 @@ from sideproxy.pool import KeyStatus, ManagedCreditPool
 from sideproxy.proxy import (
     POOL,
     RUNTIME,
+    ConfigRuntime,
     ConfigSource,
     ProxySettings,
-    Runtime,
     Snapshot,
     StaticSource,
     create_app,
@@ -45,6 +45,7 @@ class K:
     tier: int = 0
     weight: int = 1
     provider: str = "custom"
+    models: tuple[str, ...] = ()  # PoolKey.spec.models: empty = every model
 
     @property
     def fp(self) -> str:
@@ -102,6 +103,7 @@ def manifests(
                     "tier": k.tier,
                     "weight": k.weight,
                     "secretRef": {"name": "keys", "key": k.name},
+                    **({"models": list(k.models)} if k.models else {}),
                 },
             }
         )
@@ -128,11 +130,15 @@ class Proxy:
         return self.app[POOL]
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> ConfigRuntime:
         return self.app[RUNTIME]
 
     def status(self, name: str) -> KeyStatus:
         return next(s for s in self.pool.statuses(time.time()) if s.name == name)
+
+    def cooling(self, name: str, model: str) -> float | None:
+        """When key ``name`` may serve ``model`` again, if it is cooling for that model."""
+        return dict(self.status(name).cooling).get(model)
 
 
 StartProxy = Callable[..., Awaitable[Proxy]]

@@ -107,10 +107,11 @@ async def test_health_carries_over_a_reload(
     proxy = await start_proxy(source)
     fake.add_faults(SECRETS[0], {"status": 429, "retry_after": 60})
     assert (await http.post(proxy.base_url + "/chat/completions", json=CHAT)).status == 200
-    assert proxy.status("key-1").health is KeyHealth.COOLING
+    until = proxy.cooling("key-1", CHAT["model"])
+    assert until is not None
     source.push(snapshot(manifests({"custom": fake.base_url}, keys(3)), version=2))
     await eventually(lambda: len(proxy.pool.statuses(0)) == 3)
-    assert proxy.status("key-1").health is KeyHealth.COOLING  # the same key, still resting
+    assert proxy.cooling("key-1", CHAT["model"]) == until  # the same key, still resting
     source.close()
 
 

@@ -172,3 +172,70 @@ def test_limit_fault_and_duration_parsing() -> None:
     assert go_duration(360) == "6m0s"
     assert go_duration(1.2) == "1.2s"
     assert go_duration(0.012) == "12ms"
+
+
+# --------------------------------------------------------------------------- limits as providers
+
+
+async def test_per_key_per_model_windows(http: aiohttp.ClientSession) -> None:
+    """Each (key, model) has its own window; other models and other keys are untouched."""
+    async with FakeProvider(["sk-a", "sk-b"], model_limits={"big": "2/1m"}) as fake:
+        url = fake.base_url + "/chat/completions"
+        big = {"model": "big", "messages": []}
+        first = await _post(http, url, "sk-a", **big)
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert (await _post(http, url, "sk-a", **big)).status == 200
+        limited = await _post(http, url, "sk-a", **big)
+        assert limited.status == 429
+        assert 50 <= int(limited.headers["retry-after"]) <= 60
+        reset = parse_go_duration(limited.headers["x-ratelimit-reset-requests"])
+        assert reset is not None
+        assert 50 < reset <= 60
+        assert (await _post(http, url, "sk-a", model="small", messages=[])).status == 200
+        assert (await _post(http, url, "sk-b", **big)).status == 200
+        assert fake.calls_of("sk-a", model="big", status=429) == 1
+
+
+async def test_out_of_quota_until_replenished(http: aiohttp.ClientSession) -> None:
+    async with FakeProvider(["sk-a"], out_of_quota=["sk-a"]) as fake:
+        url = fake.base_url + "/chat/completions"
+        answer = await http.post(url, json=CHAT, headers={"Authorization": "Bearer sk-a"})
+        body = await answer.json()
+        assert answer.status == 429
+        assert body["error"]["code"] == "insufficient_quota"
+        assert "retry-after" not in answer.headers  # no reset: money, not time
+        models = await http.get(fake.base_url + "/models", headers={"x-api-key": "sk-a"})
+        assert models.status == 429  # the token-free probe sees it too
+        control = await http.post(fake.url + "/_fake/config", json={"replenish": ["sk-a"]})
+        assert control.status == 200
+        assert (await _post(http, url, "sk-a")).status == 200
+        models = await http.get(fake.base_url + "/models", headers={"x-api-key": "sk-a"})
+        assert models.status == 200
+
+
+async def test_groq_daily_limit(http: aiohttp.ClientSession) -> None:
+    async with FakeProvider(["sk-a"], daily_limits={"sk-a": 2}) as fake:
+        url = fake.base_url + "/chat/completions"
+        assert (await _post(http, url, "sk-a")).status == 200
+        assert (await _post(http, url, "sk-a")).status == 200
+        answer = await http.post(url, json=CHAT, headers={"Authorization": "Bearer sk-a"})
+        body = await answer.json()
+        assert answer.status == 429
+        assert "on requests per day (RPD)" in body["error"]["message"]
+        assert answer.headers["x-ratelimit-remaining-requests"] == "0"
+        fake.replenish("sk-a")
+        assert (await _post(http, url, "sk-a")).status == 200
+
+
+async def test_models_listed_per_key(http: aiohttp.ClientSession) -> None:
+    async with FakeProvider(["sk-a", "sk-b"], model_limits={"big": "3/1m"}) as fake:
+        fake.configure(key_models={"sk-b": ["small"]})
+
+        async def listed(key: str) -> list[str]:
+            async with http.get(
+                fake.base_url + "/models", headers={"Authorization": f"Bearer {key}"}
+            ) as resp:
+                return [m["id"] for m in (await resp.json())["data"]]
+
+        assert await listed("sk-a") == ["fake-model", "big"]
+        assert await listed("sk-b") == ["small"]

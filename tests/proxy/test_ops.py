@@ -12,7 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 import sideproxy.proxy
 from sideproxy.fake_provider import FakeProvider
 from sideproxy.proxy import ProxySettings
-from tests.proxy.conftest import SECRETS, VIRTUAL_KEY, Proxy, StartProxy, keys, manifests, snapshot
+from tests.proxy.conftest import (
+    SECRETS,
+    VIRTUAL_KEY,
+    K,
+    Proxy,
+    StartProxy,
+    keys,
+    manifests,
+    snapshot,
+)
 
 CHAT = {"model": "m", "messages": []}
 
@@ -42,18 +51,50 @@ async def test_metrics(fake: FakeProvider, proxy: Proxy, http: aiohttp.ClientSes
         samples[("sideproxy_key_transitions_total", (("key", "key-1"), ("reason", "RateLimited")))]
         == 1
     )
+    # The 429 was about model "m": key-1 cools for that model only, and stays ready.
     state = "sideproxy_key_state"
-    assert samples[(state, (("key", "key-1"), ("provider", "custom"), ("state", "cooling")))] == 1
+    assert samples[(state, (("key", "key-1"), ("provider", "custom"), ("state", "ready")))] == 1
     assert samples[(state, (("key", "key-3"), ("provider", "custom"), ("state", "ready")))] == 1
-    assert (
-        25
-        < samples[("sideproxy_key_unavailable_seconds", (("key", "key-1"), ("provider", "custom")))]
-        <= 30
-    )
+    cooling = "sideproxy_key_models_cooling"
+    assert samples[(cooling, (("key", "key-1"), ("provider", "custom")))] == 1
+    assert samples[(cooling, (("key", "key-2"), ("provider", "custom")))] == 0
+    # No PoolKey names "m": it never becomes a label.
+    assert not any(name == "sideproxy_key_model_cooling_seconds" for name, _ in samples)
     assert samples[("sideproxy_upstream_latency_seconds_count", (("provider", "custom"),))] == 5
     assert samples[("sideproxy_time_to_first_byte_seconds_count", (("provider", "custom"),))] == 4
     assert samples[("sideproxy_table_version", ())] == 1
     assert samples[("sideproxy_config_reloads_total", (("result", "applied"),))] == 1
+
+
+async def test_a_model_label_only_for_models_a_poolkey_names(
+    fake: FakeProvider, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    named = [K(f"key-{i + 1}", SECRETS[i], models=("m", "gpt-*")) for i in range(2)]
+    proxy = await start_proxy(snapshot(manifests({"custom": fake.base_url}, named)))
+    fake.add_faults(SECRETS[0], {"status": 429, "retry_after": 30})
+    fake.add_faults(SECRETS[1], {"status": 429, "retry_after": 30})
+    assert (await http.post(proxy.base_url + "/chat/completions", json=CHAT)).status == 429
+    for model in ("gpt-4o", "gpt-" + "x" * 40):  # served by the glob, cooling, never labels
+        fake.add_faults(SECRETS[0], {"status": 429, "retry_after": 30})
+        fake.add_faults(SECRETS[1], {"status": 429, "retry_after": 30})
+        body = {**CHAT, "model": model}
+        assert (await http.post(proxy.base_url + "/chat/completions", json=body)).status == 429
+    samples = _samples(await (await http.get(proxy.url + "/metrics")).text())
+    labelled = {
+        dict(labels)["model"]
+        for name, labels in samples
+        if name == "sideproxy_key_model_cooling_seconds"
+    }
+    assert labelled == {"m"}
+    cooling = "sideproxy_key_models_cooling"
+    assert samples[(cooling, (("key", "key-1"), ("provider", "custom")))] == 3
+    seconds = samples[
+        (
+            "sideproxy_key_model_cooling_seconds",
+            (("key", "key-1"), ("model", "m"), ("provider", "custom")),
+        )
+    ]
+    assert 25 < seconds <= 30
 
 
 async def test_each_app_has_its_own_registry(

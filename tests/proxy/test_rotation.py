@@ -67,10 +67,10 @@ async def test_rate_limited_key_rests_until_its_deadline(
     resp = await _chat(http, proxy)
     assert resp.status == 200  # the 429 was retried on the next key at once
     assert resp.headers["x-fake-key"] != first.fp
-    status = proxy.status("key-1")
-    assert status.health is KeyHealth.COOLING
-    assert status.until is not None
-    assert before + 29 <= status.until <= time.time() + 30.5
+    # The 429 was about model "m": key-1 rests for that model, until the provider's deadline.
+    until = proxy.cooling("key-1", CHAT["model"])
+    assert until is not None
+    assert before + 29 <= until <= time.time() + 30.5
     for _ in range(10):
         assert (await _chat(http, proxy)).status == 200
     assert fake.stats()[first.fp] == 1  # never tried again while cooling
@@ -109,7 +109,7 @@ async def test_every_key_cooling_answers_429_with_retry_after(
     assert body["error"]["code"] == "no_key_available"
     assert body["error"]["type"] == "rate_limit_error"
     assert set(body["error"]) == {"message", "type", "code"}
-    recovery = proxy.pool.next_recovery("custom", time.time())
+    recovery = proxy.pool.next_recovery("custom", time.time(), model=CHAT["model"])
     assert recovery is not None
     assert int(resp.headers["Retry-After"]) == max(1, math.ceil(recovery - time.time()))
     assert fake.stats() == {a.fp: 1, b.fp: 1}
