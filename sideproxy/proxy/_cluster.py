@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +35,11 @@ class KubeSource:
         self.namespace = namespace
         self.kubeconfig = kubeconfig
         self._reporter: Any = None
+        self._admission: Any = None  # set by create_app: virtual-key limits to share
+
+    def attach_admission(self, admission: Any) -> None:
+        """``create_app`` hands over the forwarder's admission (``_admit.Admission``)."""
+        self._admission = admission
 
     def __repr__(self) -> str:
         return f"KubeSource(pool={self.pool!r}, namespace={self.namespace!r})"
@@ -50,6 +57,7 @@ class KubeSource:
             source = kube.ClusterSource(api, namespace, self.pool)
             self._reporter = kube.EventReporter(api, namespace, self.pool)
             task = asyncio.create_task(self._reporter.run(), name="sideproxy-event-reporter")
+            usage = self._usage_channel(api, namespace)
             try:
                 async for event in source.snapshots():
                     if isinstance(event, Rejected):
@@ -61,3 +69,22 @@ class KubeSource:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                if usage is not None:
+                    usage.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await usage
+
+    def _usage_channel(self, api: Any, namespace: str) -> asyncio.Task[None] | None:
+        """Virtual-key usage and claims through this replica's ReplicaReport (``_vkshare``)."""
+        if self._admission is None:
+            return None
+        vkshare = importlib.import_module("sideproxy.proxy._vkshare")
+        wire = importlib.import_module("sideproxy.wire")
+        base = os.environ.get("POD_NAME") or socket.gethostname()
+        uid = os.environ.get("POD_UID")
+        owner = wire.PodRef(base, uid) if uid and os.environ.get("POD_NAME") else None
+        replica = wire.replica_name(base, os.getpid())
+        channel = vkshare.UsageChannel(
+            api, namespace, self.pool, replica, self._admission, owner=owner
+        )
+        return asyncio.create_task(channel.run(), name="sideproxy-vkey-usage")
