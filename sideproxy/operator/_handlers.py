@@ -31,6 +31,7 @@ from sideproxy.operator._records import (
     pool_secret_use,
 )
 from sideproxy.operator._reports import REPORT_LABEL
+from sideproxy.operator._vkeys import VirtualKeyRecord, vkey_secret_use
 
 SecretId = tuple[str, str]
 
@@ -70,6 +71,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
                 key_refs_by_secret=kwargs["key_refs_by_secret"],
                 pool_refs_by_secret=kwargs["pool_refs_by_secret"],
                 secret_meta=kwargs["secret_meta"],
+                vkeys_by_pool=kwargs["vkeys_by_pool"],
+                vkey_refs_by_secret=kwargs["vkey_refs_by_secret"],
             )
         )
 
@@ -116,6 +119,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     ) -> dict[SecretId, SecretMeta]:
         return {(namespace or "", name): SecretMeta.of(body)}
 
+    register_vkeys(registry, runtime)  # issue 12: VirtualKeys and their usage (_vkeys.py)
+
     # -- triggers -----------------------------------------------------------------------------
 
     @kopf.on.event(API_GROUP, API_VERSION, "poolkeys", id="poolkey_changed", registry=registry)
@@ -139,3 +144,32 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             runtime.reconciler.report_event(body, _deleted(event))
 
     return registry
+
+
+def register_vkeys(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    """VirtualKeys: two indices (by pool, by Secret), their events, and the pool's
+    ReplicaReports for their usage (see ``_vkeys.py``)."""
+
+    @kopf.index(API_GROUP, API_VERSION, "virtualkeys", id="vkeys_by_pool", registry=registry)
+    async def vkeys_by_pool(
+        body: kopf.Body, namespace: str | None, **_: Any
+    ) -> dict[PoolId, VirtualKeyRecord]:
+        record = VirtualKeyRecord.of(body)
+        return {(namespace or "", record.pool): record}
+
+    @kopf.index(API_GROUP, API_VERSION, "virtualkeys", id="vkey_refs_by_secret", registry=registry)
+    async def vkey_refs_by_secret(
+        body: kopf.Body, namespace: str | None, **_: Any
+    ) -> dict[SecretId, SecretUse]:
+        use = vkey_secret_use(body)
+        return {} if use is None else {(namespace or "", use[0]): use[1]}
+
+    @kopf.on.event(API_GROUP, API_VERSION, "virtualkeys", id="vkey_changed", registry=registry)
+    async def vkey_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        if runtime.reconciler is not None:
+            runtime.reconciler.vkey_event(body, _deleted(event))
+
+    @kopf.on.event(API_GROUP, API_VERSION, "replicareports", id="vkey_usage", registry=registry)
+    async def vkey_usage(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        if runtime.reconciler is not None:
+            await runtime.reconciler.report_usage(body, _deleted(event))

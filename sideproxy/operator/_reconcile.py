@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sideproxy.models import (
@@ -74,6 +74,9 @@ from sideproxy.operator._status import (
     status_patch,
 )
 from sideproxy.operator._tables import MANAGED_BY, Owner, TableWrite, write_table
+from sideproxy.operator._vkeys import UsageBook, VirtualKeyRecord, want_secrets
+from sideproxy.operator._vkeys import inputs as vkey_inputs
+from sideproxy.operator._vkeys import write_statuses as write_vkey_statuses
 from sideproxy.translate import KeyInput, KeyVerdict, PoolInput, Translation, translate
 
 log = logging.getLogger("sideproxy.operator")
@@ -93,6 +96,9 @@ class Indices:
     key_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     pool_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     secret_meta: Mapping[SecretId, Collection[SecretMeta]]
+    # VirtualKeys (issue 12, see _vkeys.py): by pool, and their Secret references.
+    vkeys_by_pool: Mapping[PoolId, Collection[VirtualKeyRecord]] = field(default_factory=dict)
+    vkey_refs_by_secret: Mapping[SecretId, Collection[SecretUse]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,7 @@ class Reconciler:
             clock=clock,
         )
         self.reports = ReportBook()
+        self.vkey_usage = UsageBook()
         self._patched: dict[tuple[str, str, str], _Patched] = {}
         self._key_pool: dict[tuple[str, str], str] = {}
         # What the last table written said of each key: (revoked, cooldown_until).
@@ -233,6 +240,7 @@ class Reconciler:
         uses = [
             *self._ix.key_refs_by_secret.get((namespace, name), ()),
             *self._ix.pool_refs_by_secret.get((namespace, name), ()),
+            *self._ix.vkey_refs_by_secret.get((namespace, name), ()),
         ]
         labels = meta.get("labels") or {}
         if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and labels.get(POOL_LABEL):
@@ -249,10 +257,27 @@ class Reconciler:
         for pool in sorted({use.pool for use in uses}):
             self.workers.poke((namespace, pool))
 
+    def vkey_event(self, body: Mapping[str, Any], deleted: bool) -> None:
+        """A VirtualKey changed: its pool (and the one it left, via the index) reconciles."""
+        record = VirtualKeyRecord.of(body)
+        if record.pool:
+            self.workers.poke((record.ref.namespace, record.pool))
+
+    async def report_usage(self, body: Mapping[str, Any], deleted: bool) -> None:
+        """A ReplicaReport changed: its pool's VirtualKey usage, at a bounded rate."""
+        pool = self.vkey_usage.report_event(body, deleted)
+        now = self._clock()
+        if pool is None or not self.vkey_usage.due(pool, now):
+            return
+        if not self._leadership.leading:
+            return
+        await self.vkey_usage.write(self._api, pool, self._ix.vkeys_by_pool.get(pool, ()), now)
+
     def resync(self) -> None:
         """Reconcile everything the indices know (start of leadership)."""
         self._reported.clear()
-        for pool_id in {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}:
+        pools = {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}
+        for pool_id in pools | set(self._ix.vkeys_by_pool.keys()):
             self.workers.poke(pool_id)
 
     # -- the reconcile --------------------------------------------------------------------
@@ -297,8 +322,10 @@ class Reconciler:
             key=lambda k: k.name,
         )
         pool: PoolRecord | None = _first(self._ix.pools_by_name.get(pool_id))
+        vkeys = [v for v in self._ix.vkeys_by_pool.get(pool_id, ()) if v.ref.namespace == namespace]
 
         if pool is None:
+            await write_vkey_statuses(self._api, vkeys, {}, now)
             orphan = KeyVerdict(
                 KeyPhase.INVALID,
                 "PoolNotFound",
@@ -323,7 +350,7 @@ class Reconciler:
             await self._drop_reports(pool_id, taken, keys)
             return Outcome()
 
-        translation, verdicts, applied = await self._translate(pool, keys, taken, now)
+        translation, verdicts, applied = await self._translate(pool, keys, taken, now, vkeys)
         floor = pool.status.get("tableVersion")
         written = await write_table(
             self._api,
@@ -343,6 +370,7 @@ class Reconciler:
         stray = [r for key, rs in taken.by_key.items() if key not in known for r in rs]
         taken.by_key = {}
         statuses = await self._write_keys(keys, verdicts, stamp, applied, pool_id)
+        statuses += await write_vkey_statuses(self._api, vkeys, translation.virtual_verdicts, now)
         statuses += await self._write_pool(pool, _facts(translation, verdicts, written), stamp)
         marks, taken.marks = taken.marks, []
         await self._mark(pool_id, [(r, "") for r in stray] + marks)
@@ -370,7 +398,12 @@ class Reconciler:
         return Outcome(deadline=min(deadlines) if deadlines else None)
 
     async def _translate(
-        self, pool: PoolRecord, keys: list[KeyRecord], taken: Taken, now: float
+        self,
+        pool: PoolRecord,
+        keys: list[KeyRecord],
+        taken: Taken,
+        now: float,
+        vkeys: Collection[VirtualKeyRecord] = (),
     ) -> tuple[Translation, dict[str, KeyVerdict], dict[str, Applied]]:
         """translate() of the pool, with the taken reports merged into their keys' status."""
         assert pool.spec is not None
@@ -387,6 +420,7 @@ class Reconciler:
         auth = pool.spec.client_auth
         if not auth.disabled and auth.secret_ref is not None:
             wanted.setdefault(auth.secret_ref.name, set()).add(auth.secret_ref.key)
+        want_secrets(vkeys, wanted)
 
         secrets = await self.secrets.resolve(namespace, wanted, self._meta)
         applied: dict[str, Applied] = {}
@@ -410,7 +444,8 @@ class Reconciler:
                 applied[key.name] = result
                 status = _parse_status(result.status)
             inputs.append(KeyInput(key.name, key.spec, status, key.ref.generation))
-        translation = translate(PoolInput(name, namespace, pool.spec), inputs, secrets, now)
+        pool_input = PoolInput(name, namespace, pool.spec, vkey_inputs(vkeys))
+        translation = translate(pool_input, inputs, secrets, now)
         del secrets
         verdicts.update(_cooling_reasons(translation.verdicts, keys, applied))
         return translation, verdicts, applied
