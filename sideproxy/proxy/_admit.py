@@ -266,8 +266,13 @@ class Ticket:
                 self._prompt, self._completion = found
                 self._seen = True
 
-    def close(self) -> None:
+    def close(self, pool_key: str | None = None) -> None:
+        """``pool_key``: the PoolKey that answered last, whose token counts grow too."""
         admission = self._admission
+        if pool_key is not None and (self._prompt or self._completion):
+            tally = admission.pool_key_tokens.setdefault(pool_key, [0, 0])
+            tally[0] += self._prompt
+            tally[1] += self._completion
         key = self._key
         if key is not None:
             key.inflight -= 1
@@ -310,6 +315,9 @@ class Admission:
         self._models: frozenset[str] = frozenset()  # exact model names: metric labels
         self._limits: dict[str, VirtualKeyLimits | None] = {}
         self.on_change: Callable[[], None] | None = None  # the publisher's poke
+        # PoolKey name -> [prompt, completion] tokens it served since start: for the health
+        # writer's ReplicaReport ``KeyCounts.promptTokens`` / ``completionTokens``.
+        self.pool_key_tokens: dict[str, list[int]] = {}
         self.version = 0  # moves on every local change (the publisher compares it)
 
     # ------------------------------------------------------------------ configuration

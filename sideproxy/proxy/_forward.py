@@ -207,7 +207,7 @@ class Forwarder:
         finally:
             self.metrics.inflight.dec()
             if ctx.ticket is not None:
-                ctx.ticket.close()
+                ctx.ticket.close(ctx.key.name if ctx.key is not None else None)
             self._account(ctx, status)
 
     async def refuse(self, inbound: Inbound, out: Responder, error: ProxyError) -> None:

@@ -8,6 +8,7 @@ clock, so no test can straddle a real minute boundary.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import openai
 import pytest
 
 from sideproxy.fake_provider import FakeProvider
+from sideproxy.proxy import FORWARDER
 from tests.proxy.conftest import Proxy, eventually
 from tests.vkeys.conftest import ANONYMOUS, VK_VALUES, Clock
 
@@ -181,3 +183,36 @@ async def test_metrics_per_virtual_key_without_values(
     assert 'sideproxy_virtual_key_requests_total{result="limited",virtual_key="batch"} 1.0' in text
     for value in (*VK_VALUES.values(), ANONYMOUS):
         assert value not in text
+
+
+async def test_pool_keys_count_the_tokens_they_served(
+    start_vk_proxy: Any, fake: FakeProvider
+) -> None:
+    proxy = await start_vk_proxy(batch={})
+    async with client(proxy, "batch") as c:
+        for _ in range(3):
+            await chat(c)
+    tallies = proxy.app[FORWARDER].admission.pool_key_tokens
+    assert sum(p for p, _ in tallies.values()) == 15
+    assert sum(c for _, c in tallies.values()) == 15
+    assert set(tallies) <= {"key-1", "key-2"}
+
+
+async def test_no_virtual_key_value_in_logs(
+    start_vk_proxy: Any, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_vk_proxy(
+        batch={"models": ["small"], "limits": {"requestsPerMinute": 1}}, web={"disabled": True}
+    )
+    async with client(proxy, "batch") as b, client(proxy, "web") as w:
+        await chat(b, "small")
+        with pytest.raises(openai.RateLimitError):
+            await chat(b, "small")
+        with pytest.raises(openai.PermissionDeniedError):
+            await chat(b, "big")
+        with pytest.raises(openai.AuthenticationError):
+            await chat(w)
+    assert caplog.records  # the access log spoke
+    for value in (*VK_VALUES.values(), ANONYMOUS):
+        assert value not in caplog.text
