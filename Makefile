@@ -4,12 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install k8s lint unit bench clean
+.PHONY: demo test install k8s image pods lint unit bench clean
 
 demo: install  ## the standalone proxy in front of a rate-limited fake provider, one command
 	$(BIN)/sideproxy demo
 
-test: install k8s lint  ## everything: lint, types, layers, unit, proxy, operator, chart, e2e
+test: install k8s lint  ## everything: lint, types, layers, unit, proxy, operator, chart, e2e, pods
 	$(BIN)/python -m pytest
 
 install: $(STAMP)
@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-k8s:  ## build (or reuse from ~/.cache/sideproxy-k8s) kube-apiserver, etcd, kubectl, helm
+k8s:  ## build (or reuse from ~/.cache/sideproxy-k8s) etcd, the control plane, the node, kubectl, helm
 	bash scripts/build-k8s.sh
+
+image:  ## build (or reuse from ~/.cache/sideproxy-image) the image from the Dockerfile, with podman
+	bash scripts/build-image.sh
+
+pods: install k8s  ## only the tests that build the image and run the chart's pods (needs root)
+	$(BIN)/python -m pytest -m pods
 
 lint: install
 	$(BIN)/ruff check .
@@ -29,7 +35,7 @@ lint: install
 	$(BIN)/lint-imports
 
 unit: install  ## the fast tests that need no cluster
-	$(BIN)/python -m pytest -m "not kube"
+	$(BIN)/python -m pytest -m "not kube and not pods"
 
 bench: install
 	bash bench/run

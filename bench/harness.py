@@ -19,6 +19,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -48,8 +49,17 @@ BODY = (
     b'{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 )
 
-PORT_CANNED, PORT_PY = 19101, 19102
-PORTS = {"sideproxy": 19201, "nginx": 19202, "litellm": 19203, "bare": 19204, "raw": 19205}
+PORT_CANNED, PORT_PY, PORT_SLOW = 19101, 19102, 19103
+PORTS = {
+    "sideproxy": 19201,
+    "nginx": 19202,
+    "litellm": 19203,
+    "bare": 19204,
+    "raw": 19205,
+    "transport": 19206,
+    "sideproxy-w1": 19207,
+    "sideproxy-w2": 19208,
+}
 RAW_LIBS = CACHE / "raw-libs"  # httptools, for the raw-protocol prototype only
 
 COMPLETION = (
@@ -74,7 +84,7 @@ class Procs:
         self.pidfile = os.environ.get("BENCH_PIDFILE")
 
     def start(
-        self, name: str, cmd: list[str], *, cpu: int, env: dict[str, str] | None = None
+        self, name: str, cmd: list[str], *, cpu: int | str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         logf = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         full_env = {**os.environ, **(env or {})}
@@ -151,6 +161,38 @@ def tree_cpu_seconds(root: int) -> float:
             total += int(f[11]) + int(f[12])  # utime, stime (fields 14 and 15)
         todo.extend(children.get(pid, []))
     return total / CLK_TCK
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants (VmRSS), in bytes."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def hold(url: str, token: str, connections: int, streams: bool) -> subprocess.Popen[str]:
+    """Start ``loadclient.py hold``; returns once it printed READY (or exited)."""
+    cmd = ["taskset", "-c", "1", str(PY), str(BENCH / "loadclient.py"), "hold", url, token,
+           "--connections", str(connections), "--seconds", "120",
+           *(["--streams"] if streams else [])]  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def core_times() -> dict[str, tuple[int, int]]:
@@ -290,9 +332,10 @@ http {{
 
 NGINX_PROXY = """
 worker_processes 1;
+worker_rlimit_nofile 20000;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 20000; }}
 http {{
   access_log off;
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
@@ -421,8 +464,9 @@ class Bench:
 
     # ---- targets
 
-    def start_target(self, name: str, upstream: str) -> Target:
-        """Start ``name`` in front of ``upstream`` (http://127.0.0.1:port); wait until it serves."""
+    def start_target(self, name: str, upstream: str, cpu: int | str = 0) -> Target:
+        """Start ``name`` in front of ``upstream`` (http://127.0.0.1:port); wait until it serves.
+        ``cpu``: the cores it may use (``taskset -c``), core 0 alone by default."""
         up_port = upstream.rsplit(":", 1)[1]
         if name == "direct":
             return Target("direct", "direct (no proxy)", "k1", url=upstream + PATH)
@@ -447,6 +491,27 @@ class Bench:
             cmd = [str(PY), str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream",
                    f"{upstream}/v1", "--keys", ",".join(KEYS), "--vk", VK]  # fmt: skip
             env, timeout = {}, 20.0
+        elif name == "transport":
+            t = Target(name, "Side Proxy transport (floor)", VK, url=url)
+            cmd = [str(PY), str(BENCH / "transport_proxy.py"), "--port", str(port), "--upstream",
+                   f"{upstream}/v1", "--keys", ",".join(KEYS), "--vk", VK]  # fmt: skip
+            env = {"PYTHONPATH": str(self.sideproxy_src)}
+            timeout = 20.0
+        elif name.startswith("sideproxy-w"):
+            workers = name.removeprefix("sideproxy-w")
+            t = Target(name, f"Side Proxy, {workers} worker(s)", VK, url=url)
+            env = {
+                "SIDE_POOL_KEYS": ",".join(KEYS),
+                "SIDE_POOL_PROVIDER": "custom",
+                "SIDE_POOL_BASE_URL": f"{upstream}/v1",
+                "SIDE_PROXY_VIRTUAL_KEYS": VK,
+                **({"PYTHONPATH": str(self.sideproxy_src)} if self.ref else {}),
+                **self.args.sideproxy_env,
+            }
+            cmd = [str(ROOT / ".venv" / "bin" / "sideproxy"), "serve", "--port", str(port),
+                   "--host", "127.0.0.1", "--workers", workers,
+                   *self.args.sideproxy_args]  # fmt: skip
+            timeout = 30.0
         elif name == "raw":
             t = Target(name, "raw-protocol prototype", VK, url=url)
             if not (RAW_LIBS / "httptools").exists():
@@ -493,7 +558,7 @@ class Bench:
             timeout = 180.0
         else:
             raise ValueError(name)
-        proc = self.procs.start(name, cmd, cpu=0, env=env)
+        proc = self.procs.start(name, cmd, cpu=cpu, env=env)
         t.pid = proc.pid
         try:
             waited = wait_ready(url, t.token, timeout, lambda: proc.poll() is None)
@@ -535,10 +600,10 @@ class Bench:
         return started
 
     @contextlib.contextmanager
-    def target(self, name: str, upstream: str) -> Iterator[Target | None]:
+    def target(self, name: str, upstream: str, cpu: int | str = 0) -> Iterator[Target | None]:
         """One target for the length of a ``with`` block (None when it would not start)."""
         try:
-            t = self.start_target(name, upstream)
+            t = self.start_target(name, upstream, cpu)
         except RuntimeError as exc:
             log(f"{name}: could not start: {exc}")
             yield None
@@ -743,6 +808,98 @@ class Bench:
             self.results["scenarios"]["6_cluster"] = {"status": "not measured yet", "message": msg}
             log(f"  {msg}")
 
+    def memory_point(self, name: str, upstream: str, count: int, streams: bool) -> dict:
+        """RSS of a fresh ``name`` before and while ``count`` idle connections (or streams in
+        flight) are held; the difference per connection."""
+        with self.target(name, upstream) as t:
+            if t is None or t.pid is None:
+                return {"error": "did not start"}
+            time.sleep(1.0)
+            before = tree_rss_bytes(t.pid)
+            holder = hold(t.url, t.token, count, streams)
+            try:
+                assert holder.stdout is not None
+                line = ""
+                deadline = time.monotonic() + 180
+                while time.monotonic() < deadline:
+                    line = holder.stdout.readline()
+                    if not line or line.startswith("READY "):
+                        break
+                if not line.startswith("READY "):
+                    return {
+                        "error": f"holder: {holder.stderr.read()[-500:] if holder.stderr else ''}"
+                    }
+                ready = json.loads(line[6:])
+                time.sleep(2.0)  # let the proxy settle (timers, buffers)
+                during = tree_rss_bytes(t.pid)
+                alive = t.pid is not None and Path(f"/proc/{t.pid}").exists()
+            finally:
+                with contextlib.suppress(OSError):
+                    holder.communicate("", timeout=60)
+                if holder.poll() is None:
+                    holder.kill()
+            opened = max(ready["open"] - sum(ready["errors"].values()), 1)
+            return {
+                "requested": count,
+                **ready,
+                "rss_before": before,
+                "rss_during": during,
+                "per_connection_bytes": (during - before) / opened,
+                "target_alive": alive,
+            }
+
+    def scenario7(self, targets: list[str]) -> None:
+        log("scenario 7: memory per idle connection (10,000 held) and per in-flight stream")
+        idle_n = 2000 if self.quick else 10_000
+        stream_n = 100 if self.quick else 500
+        cmd = [str(PY), str(BENCH / "upstream.py"), "--port", str(PORT_SLOW), "--workers", "1",
+               "--delay", "0", "--chunks", "240", "--chunk-interval", "0.5",
+               "--keys", ",".join(KEYS)]  # fmt: skip
+        p = self.procs.start("upstream-slow", cmd, cpu=1)
+        upstream = f"http://127.0.0.1:{PORT_SLOW}"
+        out: dict[str, Any] = {"idle_connections": idle_n, "streams": stream_n, "results": {}}
+        try:
+            wait_ready(f"{upstream}{PATH}", "k1", 15, lambda: p.poll() is None)
+            for name in targets:
+                if name in ("direct", "litellm"):
+                    continue
+                idle = self.memory_point(name, upstream, idle_n, streams=False)
+                stream = self.memory_point(name, upstream, stream_n, streams=True)
+                out["results"][name] = {"idle": idle, "streams": stream}
+                log(
+                    f"  s7 {name}: idle {idle.get('per_connection_bytes', 0) / 1024:.1f} KiB/conn"
+                    f" ({idle.get('open')} open, errors {idle.get('errors')}), stream "
+                    f"{stream.get('per_connection_bytes', 0) / 1024:.1f} KiB/stream"
+                )
+        finally:
+            self.procs.stop("upstream-slow")
+        self.results["scenarios"]["7_memory"] = out
+
+    def scenario8(self) -> None:
+        log("scenario 8: sideproxy --workers 1 vs 2 (both cores, zero-latency upstream)")
+        seconds = 4 if self.quick else 6
+        reps = 1 if self.quick else 2
+        upstream = self.start_canned()
+        out: dict[str, Any] = {"conns": 64, "seconds": seconds, "results": {}}
+        try:
+            for rep in range(reps):
+                for name in ("sideproxy-w1", "sideproxy-w2"):
+                    with self.target(name, upstream, cpu="0,1") as t:
+                        if t is None:
+                            continue
+                        r = self.measure_wrk(t, 64, seconds, warmup=1)
+                        best = out["results"].get(name)
+                        if best is None or r["ok_rps"] > best["ok_rps"]:
+                            out["results"][name] = r
+                        log(f"  s8 round {rep + 1} {t.label}: {r['ok_rps']:.0f} req/s, "
+                            f"{r.get('cpu_us_per_req', 0):.1f} us CPU/req")  # fmt: skip
+        finally:
+            self.procs.stop("upstream-canned")
+        w1, w2 = out["results"].get("sideproxy-w1"), out["results"].get("sideproxy-w2")
+        if w1 and w2:
+            out["scaling"] = w2["ok_rps"] / w1["ok_rps"]
+        self.results["scenarios"]["8_workers"] = out
+
     def run(self) -> dict[str, Any]:
         only = self.args.only
         targets = [t for t in self.args.targets if t]
@@ -756,6 +913,10 @@ class Bench:
                 self.scenario5()
             if 6 in only:
                 self.scenario6()
+            if 7 in only:
+                self.scenario7(targets)
+            if 8 in only:
+                self.scenario8()
         finally:
             self.procs.stop_all()
             self.results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
@@ -767,8 +928,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for results.json")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="1,2,3,4,5,6")
-    parser.add_argument("--targets", default="direct,sideproxy,nginx,litellm,bare,raw")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8")
+    parser.add_argument("--targets", default="direct,sideproxy,nginx,litellm,bare,transport,raw")
     parser.add_argument("--upstream-workers", type=int, default=2)
     parser.add_argument("--retry-after", type=int, default=2, help="429 storm: seconds")
     parser.add_argument("--sideproxy-ref", help="run sideproxy/ as committed at this git ref")
@@ -783,6 +944,9 @@ def main() -> None:
     args.sideproxy_env = dict(kv.split("=", 1) for kv in args.sideproxy_env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Scenario 7 holds 10,000 connections: every process started from here inherits this.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workdir = Path(tempfile.mkdtemp(prefix="sideproxy-bench-"))
     log(f"work dir {workdir} (process logs)")
     bench = Bench(args, workdir)

@@ -2,6 +2,13 @@
 
     python bench/loadclient.py stream URL TOKEN --requests 400 --concurrency 8
     python bench/loadclient.py storm  URL TOKEN --seconds 10 --concurrency 16 --stats STATS_URL
+    python bench/loadclient.py hold   URL TOKEN --connections 10000 [--streams] --seconds 60
+
+``hold`` (scenario 7, memory): opens ``--connections`` connections (raw sockets, not aiohttp),
+each sends one request; without ``--streams`` it reads the whole answer and the connection then
+sits idle (keep-alive); with ``--streams`` it asks for an SSE stream and reads only its first
+bytes, so the stream stays in flight. Then it prints ``READY <json>`` and holds everything until
+stdin closes or ``--seconds`` pass, and prints the final JSON line.
 
 Prints one JSON object on stdout. Every loop is bounded by a count and a deadline; only
 127.0.0.1 URLs are accepted.
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -169,9 +177,59 @@ async def storm(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def hold(args: argparse.Namespace) -> dict[str, object]:
+    parts = urlsplit(args.url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    stream = args.streams
+    body = json.dumps(BODY | ({"stream": True} if stream else {})).encode()
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {args.token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    writers: list[asyncio.StreamWriter] = []
+    errors: dict[str, int] = {}
+    gate = asyncio.Semaphore(256)  # connects in flight at once
+
+    async def one() -> None:
+        async with gate:
+            try:
+                async with asyncio.timeout(60):
+                    reader, writer = await asyncio.open_connection(host, port)
+                    writers.append(writer)
+                    writer.write(request)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        errors[head[9:12].decode()] = errors.get(head[9:12].decode(), 0) + 1
+                        return
+                    if stream:
+                        await reader.read(1)  # the stream has started; leave it in flight
+                        return
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            await reader.readexactly(int(line.split(b":")[1]))
+                            return
+                    errors["unsized"] = errors.get("unsized", 0) + 1
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(args.connections)))
+    ready = {"open": len(writers), "errors": errors, "open_s": time.monotonic() - started}
+    print("READY " + json.dumps(ready), flush=True)
+    loop = asyncio.get_running_loop()
+    stdin_closed = loop.run_in_executor(None, sys.stdin.read)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(stdin_closed), args.seconds)
+    alive = sum(1 for w in writers if not w.transport.is_closing())
+    for w in writers:
+        w.transport.abort()
+    return {**ready, "still_open": alive}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("stream", "storm"))
+    parser.add_argument("mode", choices=("stream", "storm", "hold"))
     parser.add_argument("url")
     parser.add_argument("token")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -182,11 +240,19 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0, help="storm: window start")
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--stats", default="")
+    parser.add_argument("--connections", type=int, default=1000, help="hold: how many")
+    parser.add_argument("--streams", action="store_true", help="hold: streams in flight")
     args = parser.parse_args()
     for u in (args.url, args.stats):
         if u and urlsplit(u).hostname not in ("127.0.0.1", "localhost"):
             sys.exit(f"refusing a non-loopback URL: {u}")
-    result = uvloop.run(stream(args) if args.mode == "stream" else storm(args))
+    if args.mode == "hold":
+        import resource  # noqa: PLC0415 - only this mode needs many descriptors
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    modes = {"stream": stream, "storm": storm, "hold": hold}
+    result = uvloop.run(modes[args.mode](args))
     print(json.dumps(result))
 
 

@@ -15,13 +15,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare", "raw"]
+ORDER = ["direct", "sideproxy", "nginx", "litellm", "bare", "transport", "raw"]
 LABELS = {
     "direct": "direct",
     "sideproxy": "Side Proxy",
     "nginx": "nginx injector",
     "litellm": "LiteLLM",
     "bare": "bare aiohttp",
+    "transport": "transport floor",
     "raw": "raw prototype",
 }
 COLORS = {
@@ -30,6 +31,7 @@ COLORS = {
     "nginx": "#2ca02c",
     "litellm": "#d62728",
     "bare": "#ff7f0e",
+    "transport": "#17becf",
     "raw": "#9467bd",
 }
 DPI = 90

@@ -30,7 +30,13 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
 # Components by file path fragment, first match wins (leaf attribution).
 COMPONENTS = [
+    ("sideproxy/proxy/http/", "sideproxy: HTTP transport (proxy/http/)"),
+    ("sideproxy/proxy/_server.py", "sideproxy: front (_server.py)"),
     ("sideproxy/proxy/_forward.py", "sideproxy: forwarder (_forward.py)"),
+    ("sideproxy/proxy/_attempt.py", "sideproxy: attempt (_attempt.py)"),
+    ("sideproxy/proxy/_route.py", "sideproxy: route (_route.py)"),
+    ("sideproxy/proxy/_model.py", "sideproxy: model read (_model.py)"),
+    ("sideproxy/proxy/_bodies.py", "sideproxy: body checks (_bodies.py)"),
     ("sideproxy/proxy/_headers.py", "sideproxy: header filtering (_headers.py)"),
     ("sideproxy/proxy/_auth.py", "sideproxy: virtual-key check (_auth.py)"),
     ("sideproxy/proxy/_paths.py", "sideproxy: path check (_paths.py)"),
@@ -130,43 +136,22 @@ def inclusive_of(stacks: list[tuple[list[tuple[str, str]], int]], needle: str) -
 
 # Named slices of the request path: share of samples whose stack contains the needle.
 SLICES = [
-    (
-        "aiohttp server: parse requests (RequestHandler.data_received)",
-        "web_protocol.py:RequestHandler.data_received",
-    ),
-    (
-        "aiohttp server: per-request task (RequestHandler._handle_request)",
-        "web_protocol.py:RequestHandler._handle_request",
-    ),
-    ("Side Proxy's error-shape middleware and everything under it", "_app.py:_error_shape"),
-    (
-        "Forwarder.handle (all of Side Proxy's per-request work + the upstream call)",
-        "_forward.py:Forwarder.handle",
-    ),
-    ("  access log line (Forwarder._log_access)", "_forward.py:Forwarder._log_access"),
-    (
-        "  body read + JSON validity check (Forwarder._read_body)",
-        "_forward.py:Forwarder._read_body",
-    ),
-    ("    of which json.loads", "json/__init__.py:loads"),
+    ("transport: parse requests (ServerProtocol.data_received)", "ServerProtocol.data_received"),
+    ("transport: per-request task (ServerProtocol._run)", "ServerProtocol._run"),
+    ("Forwarder.handle (the request path's stages + the upstream call)", "Forwarder.handle"),
+    ("  access log line (Forwarder._log_access)", "Forwarder._log_access"),
+    ("  stdlib json (request validity, model read, 2xx body check)", "json/__init__.py:loads"),
     ("  virtual-key check (VirtualKeys.check)", "_auth.py:VirtualKeys.check"),
-    ("  path check (parse_target)", "_paths.py:parse_target"),
-    ("  upstream request headers (request_headers)", "_headers.py:request_headers"),
-    ("  response headers (response_headers)", "_headers.py:response_headers"),
+    ("  path check (parse_path)", "_paths.py:parse_path"),
+    ("  route (resolve)", "_route.py:resolve"),
     ("  pool acquire", "_pool.py:ManagedCreditPool.acquire"),
     ("  pool release (incl. header parsing)", "_pool.py:ManagedCreditPool.release"),
     ("  prometheus metrics (all calls)", "prometheus_client/"),
-    (
-        "  aiohttp client: ClientSession._request (build, send, wait for headers)",
-        "client.py:ClientSession._request",
-    ),
-    ("  aiohttp client: ClientResponse.read (body)", "client_reqrep.py:ClientResponse.read"),
-    ("  yarl URL()", "yarl/_url.py:URL.__new__"),
-    ("  web.Response()", "web_response.py:Response.__init__"),
-    (
-        "aiohttp server: write the response (_write_headers, write_eof)",
-        "web_response.py:StreamResponse.write_eof",
-    ),
+    ("  transport: upstream request (UpstreamClient.send)", "UpstreamClient.send"),
+    ("    of which the socket write (Connection.send)", "Connection.send"),
+    ("  transport: answer the client (Cycle.respond)", "Cycle.respond"),
+    ("    of which the socket write (ServerProtocol.write)", "ServerProtocol.write"),
+    ("transport: upstream responses (Connection.data_received)", "Connection.data_received"),
     ("stdlib logging (anywhere)", "logging/__init__.py:"),
     ("cyclic GC (gc_collect_main, native only)", "gc_collect_main"),
 ]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build the test control plane (etcd, kube-apiserver, kube-controller-manager, kubectl, helm) from
-# the Go module proxy into a per-version cache outside the repository.
+# Build the test control plane (etcd, kube-apiserver, kube-controller-manager, kubectl, helm) and
+# the node components of the pod tests (kube-scheduler, kube-proxy, kubelet) from the Go module
+# proxy into a per-version cache outside the repository.
 #
-# Idempotent: when every binary is already cached it only stats five files. Binaries are linked in
+# Idempotent: when every binary is already cached it only stats eight files. Binaries are linked in
 # a scratch dir and renamed into place, so a killed build never leaves half a binary behind.
 # Progress goes to stderr; the last line on stdout is the bin dir.
 #
@@ -17,7 +18,7 @@ cache_root=${SIDEPROXY_K8S_CACHE:-$HOME/.cache/sideproxy-k8s}
 out=$cache_root/k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}
 bin=$out/bin
 
-k8s_bins=(kube-apiserver kube-controller-manager kubectl)
+k8s_bins=(kube-apiserver kube-controller-manager kubectl kube-scheduler kube-proxy kubelet)
 all_bins=("${k8s_bins[@]}" etcd helm)
 
 have() {
@@ -65,9 +66,14 @@ publish() {
     done
 }
 
+# Build the k8s_bins that are missing (a cache from before the node components were added gains
+# just those three, reusing the Go build cache of the rest).
 build_kubernetes() {
-    local mod=$work/kubernetes dst=$work/out-kubernetes gomod ld p major minor
-    local -a staging replaces
+    local mod=$work/kubernetes dst=$work/out-kubernetes gomod ld p b major minor
+    local -a staging replaces pkgs=()
+    for b in "${k8s_bins[@]}"; do
+        [[ -x $bin/$b ]] || pkgs+=("k8s.io/kubernetes/cmd/$b")
+    done
     mkdir -p "$mod" "$dst"
     cd "$mod"
     go mod init sideproxy.invalid/k8s-wrapper
@@ -98,11 +104,8 @@ build_kubernetes() {
         ld+=" -X $p.gitVersion=${K8S_VERSION} -X $p.gitMajor=$major -X $p.gitMinor=$minor"
         ld+=" -X $p.gitTreeState=clean"
     done
-    # One invocation so the three share the compile of apimachinery, client-go, ...
-    go build -trimpath -ldflags="$ld" -o "$dst/" \
-        k8s.io/kubernetes/cmd/kube-apiserver \
-        k8s.io/kubernetes/cmd/kube-controller-manager \
-        k8s.io/kubernetes/cmd/kubectl
+    # One invocation so they share the compile of apimachinery, client-go, ...
+    go build -trimpath -ldflags="$ld" -o "$dst/" "${pkgs[@]}"
     publish "$dst"
 }
 

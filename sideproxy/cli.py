@@ -256,8 +256,6 @@ def _serve(args: argparse.Namespace) -> int:
         EnvSource,
         FileSource,
         ProxySettings,
-        SourceUnavailable,
-        cluster_source,
         configure_logging,
         load_file,
         serve,
@@ -298,10 +296,10 @@ def _serve(args: argparse.Namespace) -> int:
         table_auth = first.table.settings.client_auth_required
         source = FileSource(args.file, pool=args.pool, interval=args.reload_interval)
     else:
-        try:
-            source = cluster_source(args.pool, args.namespace, args.kubeconfig)
-        except SourceUnavailable as exc:
-            return _fail(str(exc))
+        # Cluster mode only: the Kubernetes client is not loaded for the other modes.
+        from sideproxy.proxy.kube import KubeSource  # noqa: PLC0415
+
+        source = KubeSource(args.pool, args.namespace, args.kubeconfig)
 
     # Cluster mode: the CreditPool's clientAuth decides who may call, but a pool that turns it
     # off is served beyond loopback only with an explicit --no-auth too (two owners must agree

@@ -483,6 +483,21 @@ class ModelCooldown(_Model):
     until: Annotated[str, Field(description="End of that cool-down (RFC 3339).")]
 
 
+class ReportCounts(_Model):
+    """Cumulative counts from proxy replicas' ReplicaReports (the operator's fold)."""
+
+    rate_limited: Annotated[int, Field(default=0, ge=0, description="429 answers.")]
+    exhausted: Annotated[int, Field(default=0, ge=0, description="Out-of-quota answers.")]
+
+
+class AppliedReport(ReportCounts):
+    """The highest cumulative counts of one ReplicaReport already added to this key's totals,
+    so applying the same report twice changes nothing."""
+
+    report: Annotated[str, Field(description="The ReplicaReport's name.")]
+    uid: Annotated[str, Field(description="The ReplicaReport's uid (another object, other marks).")]
+
+
 class PoolKeyStatus(_Model):
     phase: Annotated[
         KeyPhase | None,
@@ -527,6 +542,24 @@ class PoolKeyStatus(_Model):
     exhausted_count: Annotated[
         int,
         Field(default=0, ge=0, description="Out-of-quota answers reported since creation."),
+    ]
+    applied_reports: Annotated[
+        list[AppliedReport],
+        Field(
+            default_factory=list,
+            description="Per live ReplicaReport, the counts already in the totals (operator's).",
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["report"],
+            },
+        ),
+    ]
+    reports_base: Annotated[
+        ReportCounts | None,
+        Field(
+            default=None,
+            description="Counts of ReplicaReports that are gone, folded out of appliedReports.",
+        ),
     ]
     last_rate_limited: Annotated[
         str | None,
@@ -706,8 +739,9 @@ class TableKey(_Model):
     fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
     quota_scope: str | None = None
     models: list[str] = Field(default_factory=list)
+    # Deprecated, always "ready" / unset: health travels on ReplicaReports (sideproxy.wire), not
+    # in the table, and proxies ignore these. Kept only until the operator stops reading them.
     state: KeyState = KeyState.READY
-    # Unix time. A proxy keeps the key out of rotation until then (it may know a later deadline).
     cooldown_until: float | None = None
 
 

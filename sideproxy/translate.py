@@ -93,7 +93,11 @@ class Translation:
 
     @property
     def usable_keys(self) -> int:
-        return sum(1 for key in self.table.keys if key.state is KeyState.READY and key.weight > 0)
+        return sum(
+            1
+            for key in self.table.keys
+            if self.verdicts[key.name].phase is KeyPhase.READY and key.weight > 0
+        )
 
 
 def translate(
@@ -166,8 +170,6 @@ def translate(
                 fingerprint=print_,
                 quota_scope=key.spec.quota_scope,
                 models=key.spec.models,
-                state=state,
-                cooldown_until=until,
             )
         )
 
@@ -199,7 +201,9 @@ def translate(
             f"routing table is {size} bytes, over the {TABLE_SIZE_LIMIT}-byte ConfigMap limit; "
             "split the pool"
         )
-    if not any(k.state is KeyState.READY and k.weight > 0 for k in table_keys):
+    # Health reaches the proxies on their own channel (ReplicaReports), never in the table;
+    # the verdicts (PoolKey status) still say which keys rest.
+    if not any(verdicts[k.name].phase is KeyPhase.READY and k.weight > 0 for k in table_keys):
         problems.append("no usable key: every PoolKey is missing, invalid, disabled or resting")
     return Translation(table, material, verdicts, problems, virtual_verdicts)
 
@@ -283,7 +287,7 @@ def _resolve(secrets: SecretData, name: str, key: str) -> tuple[str | None, str]
 
 
 def _health(key: KeyInput, print_: str, now: float) -> tuple[KeyState, float | None]:
-    """Carry proxy-reported health from PoolKey status into the table.
+    """Proxy-reported health from PoolKey status, for the key's verdict (status only).
 
     A revocation holds while the key is exactly as it was when revoked (same value, same
     generation); editing the Secret or the spec gives the key a fresh chance.
@@ -335,6 +339,8 @@ def from_manifests(
             continue
         kind = doc.get("kind")
         meta = doc.get("metadata") or {}
+        if not isinstance(meta, Mapping):
+            raise ManifestError(f"a {kind or 'document'}'s metadata is not a mapping")
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise ManifestError(f"a {kind or 'document'} has no metadata.name")
@@ -369,6 +375,9 @@ def from_manifests(
 
 
 def _secret_data(doc: Mapping[str, Any], where: str) -> dict[str, str]:
+    for field_name in ("data", "stringData"):
+        if not isinstance(doc.get(field_name) or {}, Mapping):
+            raise ManifestError(f"{where}: {field_name} is not a mapping")
     data: dict[str, str] = {}
     for key, value in (doc.get("data") or {}).items():
         try:

@@ -73,6 +73,9 @@ class Debouncer(Generic[K]):
         self._wakes: dict[K, asyncio.Event] = {}
         self._tasks: dict[K, asyncio.Task[None]] = {}
         self._urgent: set[K] = set()
+        self._busy: set[K] = set()  # keys whose work is running now
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closed = False
         self.runs = 0
 
@@ -98,8 +101,15 @@ class Debouncer(Generic[K]):
         self._urgent.add(key)
         self.poke(key)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Take no more pokes; let work already running finish (up to ``grace`` seconds, so a
+        SIGTERM never cuts a reconcile in half when it need not); then cancel the rest."""
         self._closed = True
+        for wake in self._wakes.values():
+            wake.clear()
+        if grace > 0 and self._busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -134,7 +144,11 @@ class Debouncer(Generic[K]):
                     await asyncio.wait_for(wake.wait(), timeout)
             await self._settle(key, wake)
             await self._gate()
+            if self._closed:
+                await asyncio.Event().wait()  # closing: start nothing new; close() cancels us
             self._urgent.discard(key)
+            self._busy.add(key)
+            self._idle.clear()
             try:
                 self.runs += 1
                 outcome = await self._work(key)
@@ -151,6 +165,10 @@ class Debouncer(Generic[K]):
                     log.error("reconcile %s: unexpected %s", key, type(exc).__name__, exc_info=exc)
                 deadline = self._clock() + delay
                 continue
+            finally:
+                self._busy.discard(key)
+                if not self._busy:
+                    self._idle.set()
             failures = 0
             if not outcome.alive and not wake.is_set():
                 del self._tasks[key], self._wakes[key]

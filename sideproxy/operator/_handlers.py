@@ -5,12 +5,12 @@ object with its last-handled state, a write per PoolKey per change. Indices plus
 write nothing; the reconciler (``_reconcile.py``) decides what to write, once per pool.
 
 kopf runs ``on.event`` handlers only after every index has its initial listing, so the first
-reconcile of each pool already sees all its keys and Secrets.
+reconcile of each pool already sees all its keys. Secrets and our ConfigMaps are not kopf's:
+``_watch.MetaWatch`` follows their metadata only (kopf would list every Secret value in scope),
+and a reconcile reads the few referenced Secrets by name.
 
-Proxy reports are core/v1 Events; kopf lists and watches only the unconsumed ones (the label
-selector ``_reports.REPORT_SELECTOR``, set server-side in ``_runner.kopf_settings``). A report
-that gets consumed leaves that selection, which the watch delivers as a DELETED event: every
-replica drops it from its book.
+Proxy health arrives as ReplicaReports (``sideproxy/wire.py``), indexed by pool; core/v1
+Events are never watched (anyone who may create Events could forge them).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from sideproxy.operator._records import (
     KeyRecord,
     PoolId,
     PoolRecord,
-    SecretMeta,
+    ReportRecord,
     SecretUse,
     key_secret_use,
     pool_secret_use,
+    report_pool,
 )
-from sideproxy.operator._reports import REPORT_LABEL
 from sideproxy.operator._vkeys import VirtualKeyRecord, vkey_secret_use
+from sideproxy.wire import PLURAL as REPORTS
 
 SecretId = tuple[str, str]
 
@@ -70,7 +71,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
                 pools_by_name=kwargs["pools_by_name"],
                 key_refs_by_secret=kwargs["key_refs_by_secret"],
                 pool_refs_by_secret=kwargs["pool_refs_by_secret"],
-                secret_meta=kwargs["secret_meta"],
+                reports_by_pool=kwargs["reports_by_pool"],
                 vkeys_by_pool=kwargs["vkeys_by_pool"],
                 vkey_refs_by_secret=kwargs["vkey_refs_by_secret"],
             )
@@ -113,11 +114,11 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         use = pool_secret_use(body)
         return {} if use is None else {(namespace or "", use[0]): use[1]}
 
-    @kopf.index("v1", "secrets", id="secret_meta", registry=registry)
-    async def secret_meta(
-        body: kopf.Body, name: str, namespace: str | None, **_: Any
-    ) -> dict[SecretId, SecretMeta]:
-        return {(namespace or "", name): SecretMeta.of(body)}
+    @kopf.index(API_GROUP, API_VERSION, REPORTS, id="reports_by_pool", registry=registry)
+    async def reports_by_pool(
+        body: kopf.Body, namespace: str | None, **_: Any
+    ) -> dict[PoolId, ReportRecord]:
+        return {(namespace or "", report_pool(body)): ReportRecord.of(body)}
 
     register_vkeys(registry, runtime)  # issue 12: VirtualKeys and their usage (_vkeys.py)
 
@@ -133,13 +134,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         if runtime.reconciler is not None:
             runtime.reconciler.pool_event(body, _deleted(event))
 
-    @kopf.on.event("v1", "secrets", id="secret_changed", registry=registry)
-    async def secret_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        if runtime.reconciler is not None:
-            runtime.reconciler.secret_event(body, _deleted(event))
-
-    @kopf.on.event("v1", "events", id="report", labels={REPORT_LABEL: "true"}, registry=registry)
-    async def report(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    @kopf.on.event(API_GROUP, API_VERSION, REPORTS, id="report_changed", registry=registry)
+    async def report_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         if runtime.reconciler is not None:
             runtime.reconciler.report_event(body, _deleted(event))
 

@@ -10,10 +10,11 @@ reason and the API server's message, which for our calls names objects and field
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import quote
@@ -27,6 +28,9 @@ Body = dict[str, Any]
 
 _TIMEOUT = 30.0
 _MERGE_PATCH = "application/merge-patch+json"
+# Metadata only (the API server's PartialObjectMetadata): a Secret's data never crosses the wire.
+_META_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+_META = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 _COORDINATION = "coordination.k8s.io"
 
 
@@ -70,6 +74,11 @@ def _path(
     return path
 
 
+def _collection(plural: str, namespace: str | None) -> str:
+    """A core/v1 collection in one namespace, or in all (``namespace`` None)."""
+    return f"/api/v1/{plural}" if namespace is None else _path(plural, namespace)
+
+
 class KubeApi:
     """Typed-enough access to the handful of endpoints the reconciler uses."""
 
@@ -110,6 +119,47 @@ class KubeApi:
             raise
         return cast(Body, result) if isinstance(result, dict) else {}
 
+    async def list_meta(
+        self, plural: str, namespace: str | None, params: Mapping[str, str]
+    ) -> Body:
+        """One page of a core/v1 list, metadata only."""
+        result = await self._client.call_api(
+            _collection(plural, namespace),
+            "GET",
+            query_params=list(params.items()),
+            header_params={"Accept": _META_LIST},
+            response_types_map={200: "object"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _request_timeout=_TIMEOUT,
+        )
+        return cast(Body, result) if isinstance(result, dict) else {}
+
+    async def watch_meta(
+        self, plural: str, namespace: str | None, params: Mapping[str, str], seconds: float
+    ) -> AsyncIterator[Body]:
+        """The events of one watch request, metadata only, until the server ends it (it was
+        asked to within ``timeoutSeconds``; ``seconds`` bounds the whole request anyway, so a
+        silently dropped connection cannot stall the watch)."""
+        response = await self._client.call_api(
+            _collection(plural, namespace),
+            "GET",
+            query_params=[*params.items(), ("watch", "true"), ("allowWatchBookmarks", "true")],
+            header_params={"Accept": _META},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=seconds,
+        )
+        try:
+            if not 200 <= response.status <= 299:
+                raise ApiException(status=response.status, reason=response.reason)
+            while line := await response.content.readline():
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    yield event
+        finally:
+            response.release()
+
     async def _write(
         self, what: str, method: str, path: str, body: Mapping[str, Any], **kw: str
     ) -> Body:
@@ -141,13 +191,38 @@ class KubeApi:
         return await self._write(f"{kind}/create", "POST", path, body)
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, patch: Body, *, group: str, version: str
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        patch: Body,
+        *,
+        group: str,
+        version: str,
+        resource_version: str | None = None,
     ) -> Body:
-        """JSON merge patch on the status subresource."""
+        """JSON merge patch on the status subresource. With ``resource_version`` it applies only
+        to exactly that version of the object (else ``Conflict``): a patch computed from what we
+        read can never land on a state we did not see."""
         path = _path(plural, namespace, name, group=group, version=version, sub="status")
-        return await self._write(
-            f"{plural}/status", "PATCH", path, {"status": patch}, content_type=_MERGE_PATCH
-        )
+        body: Body = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self._write(f"{plural}/status", "PATCH", path, body, content_type=_MERGE_PATCH)
+
+    async def get_custom(
+        self, plural: str, namespace: str, name: str, *, group: str, version: str
+    ) -> Body | None:
+        return await self._get(_path(plural, namespace, name, group=group, version=version))
+
+    async def delete_custom(
+        self, plural: str, namespace: str, name: str, uid: str, *, group: str, version: str
+    ) -> None:
+        """Delete exactly the object with this uid (a newer one of the same name stays)."""
+        path = _path(plural, namespace, name, group=group, version=version)
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}}
+        with contextlib.suppress(NotFound):
+            await self._write(f"{plural}/delete", "DELETE", path, body)
 
     async def post_event(
         self,
@@ -188,11 +263,6 @@ class KubeApi:
                 involved["name"],
                 describe(exc),
             )
-
-    async def patch_event(self, namespace: str, name: str, patch: Body) -> Body:
-        """JSON merge patch of a core/v1 Event (marking a proxy report consumed)."""
-        path = _path("events", namespace, name)
-        return await self._write("events/patch", "PATCH", path, patch, content_type=_MERGE_PATCH)
 
     # -- leases -----------------------------------------------------------------------------
 

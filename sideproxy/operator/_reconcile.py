@@ -1,20 +1,25 @@
 """The reconcile of one CreditPool: indices in, ConfigMap + Secret + statuses + Events out.
 
-Level-triggered: every run reads the whole pool from the kopf indices, calls the pure
-``translate()``, and writes only what differs from the cluster. So a restart, a missed event,
-a second replica taking over or a timer firing all converge on the same result.
+Level-triggered: every run reads the whole pool from the kopf indices (pool, PoolKeys, the
+pool's ReplicaReports), calls the pure ``translate()``, folds the reports into each key's
+status (``_fold.py``) and writes only what differs from the cluster. So a restart, a missed
+event, a second replica taking over or a timer firing all converge on the same result.
+
+The routing table carries configuration only: health reaches the proxies on their own channel
+(ReplicaReports, which they watch themselves), so no report ever rewrites the table.
+
+Counts are exact under any leader change: a key's status patch that moves report counts names
+the resourceVersion it was computed from (a ``Conflict`` means re-read and fold again), and the
+fold is idempotent (high-water marks in the status itself).
 
 Our own status patches come back as watch events; :class:`Reconciler` remembers the
 resourceVersions each patch replaced and produced, ignores the echoes, and while a PoolKey's
 index entry is still older than its last patch it reconciles from the object the patch
-returned (so a report applied a moment ago is the base of the next one, never lost).
+returned.
 
-Proxy reports (``_reports.py``) arrive through :meth:`Reconciler.report_event`, wait in a
-:class:`ReportBook`, and are applied by the next reconcile of the key's pool: merged into the
-key's status before ``translate()`` (so the table carries the cool-down in the same run), the
-status is written, then the Events are marked consumed. A report that moves the table hurries
-that reconcile past the debounce (:meth:`Debouncer.hurry`); the table goes out first, before
-any status, so the other replicas learn the cool-down as early as possible.
+Failures are per key: a key whose status cannot be written (say an admission policy refuses
+it) is named in the pool's ``KeysWritten`` condition and retried with back-off, while the pool
+status and every other key are written as usual.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sideproxy.models import (
@@ -34,31 +39,21 @@ from sideproxy.models import (
     TABLE_SIZE_LIMIT,
     VIRTUAL_KEYS_DATA_KEY,
     KeyPhase,
-    KeyState,
-    PoolKeyStatus,
-    fingerprint,
 )
 from sideproxy.operator._debounce import Debouncer, Outcome
-from sideproxy.operator._kube import KubeApi, NotFound
+from sideproxy.operator._fold import COUNTERS, Health, Source, fold_counts, health
+from sideproxy.operator._kube import Conflict, KubeApi, NotFound, describe
 from sideproxy.operator._leader import AlwaysLeader, Leadership
 from sideproxy.operator._records import (
     KeyRecord,
     ObjectRef,
     PoolId,
     PoolRecord,
-    SecretMeta,
+    ReportRecord,
     SecretUse,
+    report_pool,
 )
-from sideproxy.operator._reports import (
-    COOLING_MESSAGES,
-    Applied,
-    Report,
-    ReportBook,
-    Taken,
-    apply_reports,
-    cooling_reason,
-    urgent,
-)
+from sideproxy.operator._replicas import ReportDesk, Sorted, sort_reports
 from sideproxy.operator._secrets import SecretCache
 from sideproxy.operator._status import (
     READY,
@@ -78,12 +73,16 @@ from sideproxy.operator._vkeys import UsageBook, VirtualKeyRecord, want_secrets
 from sideproxy.operator._vkeys import inputs as vkey_inputs
 from sideproxy.operator._vkeys import write_statuses as write_vkey_statuses
 from sideproxy.translate import KeyInput, KeyVerdict, PoolInput, Translation, translate
+from sideproxy.wire import ACCEPTED
 
 log = logging.getLogger("sideproxy.operator")
 
 GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+KEYS_WRITTEN = "KeysWritten"
 
 SecretId = tuple[str, str]
+NOT_OWNED_RECHECK_SECONDS = 1.0
+COUNT_FIELDS = frozenset({"appliedReports", "reportsBase", *(total for _, total in COUNTERS)})
 _GV = {"group": API_GROUP, "version": API_VERSION}
 
 
@@ -95,10 +94,13 @@ class Indices:
     pools_by_name: Mapping[PoolId, Collection[PoolRecord]]
     key_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     pool_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
-    secret_meta: Mapping[SecretId, Collection[SecretMeta]]
+    reports_by_pool: Mapping[PoolId, Collection[ReportRecord]] = None  # type: ignore[assignment]
     # VirtualKeys (issue 12, see _vkeys.py): by pool, and their Secret references.
     vkeys_by_pool: Mapping[PoolId, Collection[VirtualKeyRecord]] = field(default_factory=dict)
     vkey_refs_by_secret: Mapping[SecretId, Collection[SecretUse]] = field(default_factory=dict)
+
+    def reports(self, pool_id: PoolId) -> list[ReportRecord]:
+        return list((self.reports_by_pool or {}).get(pool_id, ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,13 @@ class Options:
     write_concurrency: int = 16
     table_size_limit: int = TABLE_SIZE_LIMIT
     report_quiet_seconds: float = 0.02
+    # A pool that disappears: wait this long before marking its keys orphaned (a namespace
+    # deletion removes them meanwhile; a pool deleted and re-created needs no writes at all),
+    # then write at most orphan_rate key statuses per second.
+    orphan_grace_seconds: float = 5.0
+    orphan_rate: int = 50
+    retry_base_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
 
 
 def _first(values: Collection[Any] | None) -> Any:
@@ -124,13 +133,6 @@ class _Patched:
     before: set[str]  # resourceVersions the object had before our patches (the index may show)
     after: str  # the resourceVersion our last patch produced
     fresh: KeyRecord | None  # the PoolKey as that patch returned it
-
-
-def _parse_status(status: Mapping[str, Any]) -> PoolKeyStatus | None:
-    try:
-        return PoolKeyStatus.model_validate(dict(status))
-    except ValueError:
-        return None
 
 
 class Reconciler:
@@ -149,6 +151,8 @@ class Reconciler:
         self._opt = options or Options()
         self._clock = clock
         self.secrets = SecretCache(api)
+        self.desk = ReportDesk(api, self._opt.write_concurrency)
+        self.vkey_usage = UsageBook()
         self.workers: Debouncer[PoolId] = Debouncer(
             self.reconcile,
             quiet=self._opt.quiet_seconds,
@@ -158,20 +162,25 @@ class Reconciler:
             gate=self._leadership.wait_leading,
             clock=clock,
         )
-        self.reports = ReportBook()
-        self.vkey_usage = UsageBook()
         self._patched: dict[tuple[str, str, str], _Patched] = {}
         self._key_pool: dict[tuple[str, str], str] = {}
-        # What the last table written said of each key: (revoked, cooldown_until).
-        self._in_table: dict[tuple[str, str], tuple[bool, float | None]] = {}
         self._reported: set[PoolId] = set()
-        # Report Events marked consumed per pool since its last log line.
-        self._consumed: Counter[PoolId] = Counter()
+        # resourceVersion of our last write of each ConfigMap / Secret we own, so the watch's
+        # echo of it is not taken for a hand edit.
+        self._written: dict[tuple[str, str, str], str] = {}
+        # The highest table version written per pool: the floor of the next one, so a version
+        # never goes backwards even when the ConfigMap is gone and the pool status is stale.
+        self._versions: dict[PoolId, int] = {}
+        self._pool_refs: dict[PoolId, ObjectRef] = {}  # for the Event when a pool is gone
+        self._orphaned: dict[PoolId, float] = {}  # pool gone since (clock)
+        self._announced: set[PoolId] = set()  # orphaned pools whose Event is posted
+        self._failures: Counter[PoolId] = Counter()  # consecutive runs with failed key writes
 
-    async def close(self) -> None:
-        await self.workers.close()
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop; reconciles already running get ``grace`` seconds to finish first."""
+        await self.workers.close(grace)
 
-    # -- triggers (from the kopf event handlers) ------------------------------------------
+    # -- triggers (from the kopf event handlers and our own watches) ----------------------
 
     def _echo(self, kind: str, ref: ObjectRef) -> bool:
         """Whether this event only reports our own status patches."""
@@ -198,67 +207,75 @@ class Reconciler:
             self._key_pool[slot] = record.pool
             if self._echo("PoolKey", ref):
                 return
-        if deleted:
-            self._in_table.pop(slot, None)
         if record.pool:
             self.workers.poke((ref.namespace, record.pool))
         if previous and previous != record.pool:
             self.workers.poke((ref.namespace, previous))
 
     def report_event(self, body: Mapping[str, Any], deleted: bool) -> None:
-        """A proxy report Event (label sideproxy.dev/report=true) was listed, added or left the
-        watch (consumed, by us or another replica, or expired)."""
-        report = Report.of(body)
-        if report is None:
-            return
-        if deleted or report.consumed:
-            self.reports.forget(report.uid)
-            return
-        slot = (report.namespace, report.key)
-        pool = self._key_pool.get(slot) or report.pool
-        if not pool:
-            return  # a report about no known key of no pool: nothing it could change
-        pool_id = (report.namespace, pool)
-        if not self.reports.add(pool_id, report):
-            return
-        if urgent(report, self._in_table.get(slot), self._clock()):
-            self.workers.hurry(pool_id)
-        else:
-            self.workers.poke(pool_id)
+        """A ReplicaReport was listed, changed or deleted: its pool folds it (not urgently:
+        the replicas learn health from the reports themselves; this is for ``kubectl``)."""
+        meta = body.get("metadata") or {}
+        namespace = str(meta.get("namespace", "")) if isinstance(meta, Mapping) else ""
+        self.workers.poke((namespace, report_pool(body)))
 
     def pool_event(self, body: Mapping[str, Any], deleted: bool) -> None:
         ref = ObjectRef.of("CreditPool", body)
+        self._pool_refs[(ref.namespace, ref.name)] = ref
         if deleted:
             self._patched.pop(("CreditPool", ref.namespace, ref.name), None)
         elif self._echo("CreditPool", ref):
             return
         self.workers.poke((ref.namespace, ref.name))
 
-    def secret_event(self, body: Mapping[str, Any], deleted: bool) -> None:
-        meta = body.get("metadata") or {}
+    def secret_event(self, meta: Mapping[str, Any], deleted: bool) -> None:
+        """A Secret's metadata from the watch (``_watch.py``; never its data)."""
         namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        labels = meta.get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and labels.get(POOL_LABEL):
+            # One of our key-material Secrets: a hand edit or deletion gets repaired.
+            slot = ("Secret", namespace, name)
+            self._owned_changed(slot, meta, str(labels[POOL_LABEL]), deleted)
         uses = [
             *self._ix.key_refs_by_secret.get((namespace, name), ()),
             *self._ix.pool_refs_by_secret.get((namespace, name), ()),
             *self._ix.vkey_refs_by_secret.get((namespace, name), ()),
         ]
-        labels = meta.get("labels") or {}
-        if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and labels.get(POOL_LABEL):
-            # One of our key-material Secrets: a hand edit or deletion gets repaired. (Our own
-            # writes come back here too and cost one reconcile that finds nothing to do.)
-            self.workers.poke((namespace, str(labels[POOL_LABEL])))
         if not uses:
-            self.secrets.forget(namespace, name)
+            self.secrets.forget(namespace, name)  # unrelated: nothing of it is kept
             return
-        if deleted:
-            self.secrets.forget(namespace, name)
-        else:
-            self.secrets.observe(namespace, name, body, {use.key for use in uses})
-        for pool in sorted({use.pool for use in uses}):
-            self.workers.poke((namespace, pool))
+        version = None if deleted else str(meta.get("resourceVersion", ""))
+        if self.secrets.changed(namespace, name, version):
+            for pool in sorted({use.pool for use in uses}):
+                self.workers.poke((namespace, pool))
+
+    def secrets_listed(self, namespace: str | None, listed: set[tuple[str, str]]) -> None:
+        """A complete list of Secrets: the ones we tracked and that are not in it are gone."""
+        for ns, name in self.secrets.tracked(namespace):
+            if (ns, name) not in listed:
+                self.secret_event({"namespace": ns, "name": name}, True)
+
+    def configmap_event(self, meta: Mapping[str, Any], deleted: bool) -> None:
+        """One of our routing ConfigMaps changed or went away (a watch by our label)."""
+        labels = meta.get("labels") or {}
+        pool = labels.get(POOL_LABEL)
+        if pool:
+            namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+            self._owned_changed(("ConfigMap", namespace, name), meta, str(pool), deleted)
+
+    def _owned_changed(
+        self, slot: tuple[str, str, str], meta: Mapping[str, Any], pool: str, deleted: bool
+    ) -> None:
+        """Repair what we own (slot: kind, namespace, name) unless the event is the echo of our
+        own last write."""
+        namespace = slot[1]
+        version = str(meta.get("resourceVersion", ""))
+        if not deleted and self._written.get(slot) == version:
+            return
+        self.workers.hurry((namespace, pool))
 
     def vkey_event(self, body: Mapping[str, Any], deleted: bool) -> None:
-        """A VirtualKey changed: its pool (and the one it left, via the index) reconciles."""
+        """A VirtualKey changed: its pool reconciles (table entry, Ready condition)."""
         record = VirtualKeyRecord.of(body)
         if record.pool:
             self.workers.poke((record.ref.namespace, record.pool))
@@ -267,9 +284,7 @@ class Reconciler:
         """A ReplicaReport changed: its pool's VirtualKey usage, at a bounded rate."""
         pool = self.vkey_usage.report_event(body, deleted)
         now = self._clock()
-        if pool is None or not self.vkey_usage.due(pool, now):
-            return
-        if not self._leadership.leading:
+        if pool is None or not self.vkey_usage.due(pool, now) or not self._leadership.leading:
             return
         await self.vkey_usage.write(self._api, pool, self._ix.vkeys_by_pool.get(pool, ()), now)
 
@@ -277,14 +292,11 @@ class Reconciler:
         """Reconcile everything the indices know (start of leadership)."""
         self._reported.clear()
         pools = {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}
-        for pool_id in pools | set(self._ix.vkeys_by_pool.keys()):
+        pools |= set(self._ix.vkeys_by_pool.keys())
+        for pool_id in {*pools, *(self._ix.reports_by_pool or {}).keys()}:
             self.workers.poke(pool_id)
 
     # -- the reconcile --------------------------------------------------------------------
-
-    def _meta(self, namespace: str, name: str) -> SecretMeta | None:
-        meta: SecretMeta | None = _first(self._ix.secret_meta.get((namespace, name)))
-        return meta
 
     def _stale(self, kind: str, ref: ObjectRef) -> bool:
         patched = self._patched.get((kind, ref.namespace, ref.name))
@@ -298,21 +310,8 @@ class Reconciler:
         return key
 
     async def reconcile(self, pool_id: PoolId) -> Outcome:
-        taken = self.reports.take(pool_id)
-        try:
-            return await self._reconcile(pool_id, taken)
-        except BaseException:
-            # Whatever was not applied yet goes back for the retry (``_write_keys`` took out
-            # what it applied or handed back itself).
-            self.reports.give_back(pool_id, [r for rs in taken.by_key.values() for r in rs])
-            for report, key_uid in taken.marks:
-                self.reports.to_mark(pool_id, [report], key_uid)
-            raise
-
-    async def _reconcile(self, pool_id: PoolId, taken: Taken) -> Outcome:
-        namespace, name = pool_id
+        namespace, _name = pool_id
         now = self._clock()
-        stamp = rfc3339(now)
         keys = sorted(
             (
                 self._current(k)
@@ -322,19 +321,12 @@ class Reconciler:
             key=lambda k: k.name,
         )
         pool: PoolRecord | None = _first(self._ix.pools_by_name.get(pool_id))
-        vkeys = [v for v in self._ix.vkeys_by_pool.get(pool_id, ()) if v.ref.namespace == namespace]
-
+        reports = self._ix.reports(pool_id)
         if pool is None:
-            await write_vkey_statuses(self._api, vkeys, {}, now)
-            orphan = KeyVerdict(
-                KeyPhase.INVALID,
-                "PoolNotFound",
-                f"CreditPool {name!r} not found in namespace {namespace!r}",
-            )
-            await self._write_keys(keys, {k.name: orphan for k in keys}, stamp)
-            await self._drop_reports(pool_id, taken, keys)
-            return Outcome(alive=bool(keys))
-
+            await write_vkey_statuses(self._api, self._vkeys(pool_id), {}, now)
+            return await self._orphans(pool_id, keys, reports, now)
+        self._orphaned.pop(pool_id, None)
+        self._announced.discard(pool_id)
         if pool.spec is None:
             facts = PoolFacts(
                 len(keys),
@@ -346,214 +338,294 @@ class Reconciler:
                 pool.status.get("tableVersion"),
                 pool.status.get("tableHash"),
             )
-            await self._write_pool(pool, facts, stamp)
-            await self._drop_reports(pool_id, taken, keys)
+            await self._write_pool(pool, facts, rfc3339(now))
             return Outcome()
+        return await self._serve(pool, keys, reports, now)
 
-        translation, verdicts, applied = await self._translate(pool, keys, taken, now, vkeys)
-        floor = pool.status.get("tableVersion")
-        written = await write_table(
-            self._api,
-            Owner(namespace, name, pool.ref.uid),
-            translation,
-            floor_version=floor if isinstance(floor, int) else 0,
-            size_limit=self._opt.table_size_limit,
-        )
-        if written.table_written or written.condition.status == "True":
-            for entry in translation.table.keys:
-                self._in_table[(namespace, entry.name)] = (
-                    entry.state is KeyState.REVOKED,
-                    entry.cooldown_until,
-                )
-        # From here on the reports are applied key by key: _write_keys hands back its failures.
-        known = {k.name for k in keys}
-        stray = [r for key, rs in taken.by_key.items() if key not in known for r in rs]
-        taken.by_key = {}
-        statuses = await self._write_keys(keys, verdicts, stamp, applied, pool_id)
-        statuses += await write_vkey_statuses(self._api, vkeys, translation.virtual_verdicts, now)
-        statuses += await self._write_pool(pool, _facts(translation, verdicts, written), stamp)
-        marks, taken.marks = taken.marks, []
-        await self._mark(pool_id, [(r, "") for r in stray] + marks)
-        consumed = self._consumed.pop(pool_id, 0)
+    async def _serve(
+        self, pool: PoolRecord, keys: list[KeyRecord], reports: list[ReportRecord], now: float
+    ) -> Outcome:
+        assert pool.spec is not None
+        namespace, name = pool_id = (pool.ref.namespace, pool.ref.name)
+        stamp = rfc3339(now)
+        judged = sort_reports(reports, keys, name, now)
+        vkeys = self._vkeys(pool_id)
+        translation = await self._translate(pool, keys, vkeys)
+        written = await self._write_table(pool_id, pool, translation)
+        await write_vkey_statuses(self._api, vkeys, translation.virtual_verdicts, now)
+        verdicts, healths = self._health(pool, keys, translation, judged, now)
+        marks = {
+            (str(m.get("report")), str(m.get("uid")))
+            for k in keys
+            for m in k.status.get("appliedReports") or ()
+            if isinstance(m, Mapping)
+        }
+        gone = await self.desk.gone(namespace, marks, judged.live)
+        failed = await self._write_keys(keys, verdicts, healths, judged, gone=gone, stamp=stamp)
+        facts = _facts(translation, verdicts, written, failed)
+        statuses = await self._write_pool(pool, facts, stamp)
+        await self.desk.judge(reports, judged.verdicts, now)
+        deleted = 0 if failed else await self.desk.delete_stale(judged.stale)
+        self._log(pool_id, translation, written, keys=len(keys), statuses=statuses, deleted=deleted)
+        deadlines = [h.deadline for h in healths.values() if h.deadline is not None]
+        deadlines += [judged.deadline] if judged.deadline is not None else []
+        if written.condition.reason == "NotOwned":
+            # Someone else's object is in the way; its deletion is no event of ours (it does
+            # not carry our label), so look again each second until it is gone.
+            deadlines.append(now + NOT_OWNED_RECHECK_SECONDS)
+        if failed:
+            self._failures[pool_id] += 1
+            tries = self._failures[pool_id]
+            delay = self._opt.retry_base_seconds * 2 ** min(tries - 1, 10)
+            deadlines.append(now + min(self._opt.retry_max_seconds, delay))
+        else:
+            self._failures.pop(pool_id, None)
+        return Outcome(deadline=min(deadlines) if deadlines else None)
+
+    def _log(
+        self,
+        pool_id: PoolId,
+        translation: Translation,
+        written: TableWrite,
+        *,
+        keys: int,
+        statuses: int,
+        deleted: int,
+    ) -> None:
         wrote = [
             *(["table"] if written.table_written else []),
             *(["key material"] if written.secret_written else []),
             *([f"{statuses} status(es)"] if statuses else []),
-            *([f"{consumed} report(s) consumed"] if consumed else []),
+            *([f"deleted {deleted} stale report(s)"] if deleted else []),
         ]
         if wrote or pool_id not in self._reported:
             # Once per pool per start (or leadership), then only when something was written.
             self._reported.add(pool_id)
             log.info(
                 "pool %s/%s: table version %s (%s), %d of %d keys usable; %s",
-                namespace,
-                name,
+                *pool_id,
                 written.version,
                 (written.hash or "")[:12],
                 translation.usable_keys,
-                len(keys),
+                keys,
                 "wrote " + ", ".join(wrote) if wrote else "in sync",
             )
-        deadlines = [k.cooldown_until for k in translation.table.keys if k.cooldown_until]
-        return Outcome(deadline=min(deadlines) if deadlines else None)
+
+    async def _write_table(
+        self, pool_id: PoolId, pool: PoolRecord, translation: Translation
+    ) -> TableWrite:
+        namespace, name = pool_id
+        floor = pool.status.get("tableVersion")
+        floor = max(floor if isinstance(floor, int) else 0, self._versions.get(pool_id, 0))
+        written = await write_table(
+            self._api,
+            Owner(namespace, name, pool.ref.uid),
+            translation,
+            floor_version=floor,
+            size_limit=self._opt.table_size_limit,
+        )
+        for kind, obj, version in written.saved:
+            self._written[(kind, namespace, obj)] = version
+        if written.version is not None:
+            self._versions[pool_id] = max(written.version, self._versions.get(pool_id, 0))
+        return written
+
+    def _vkeys(self, pool_id: PoolId) -> list[VirtualKeyRecord]:
+        found = self._ix.vkeys_by_pool.get(pool_id, ())
+        return [v for v in found if v.ref.namespace == pool_id[0]]
 
     async def _translate(
-        self,
-        pool: PoolRecord,
-        keys: list[KeyRecord],
-        taken: Taken,
-        now: float,
-        vkeys: Collection[VirtualKeyRecord] = (),
-    ) -> tuple[Translation, dict[str, KeyVerdict], dict[str, Applied]]:
-        """translate() of the pool, with the taken reports merged into their keys' status."""
+        self, pool: PoolRecord, keys: list[KeyRecord], vkeys: Collection[VirtualKeyRecord] = ()
+    ) -> Translation:
+        """translate() of the pool's configuration: no health (status) goes into the table."""
         assert pool.spec is not None
         namespace, name = pool.ref.namespace, pool.ref.name
-        verdicts: dict[str, KeyVerdict] = {}
         wanted: dict[str, set[str]] = {}
         for key in keys:
-            if key.spec is None:
-                verdicts[key.name] = KeyVerdict(KeyPhase.INVALID, "InvalidSpec", key.spec_error)
-                continue
-            if not key.spec.disabled:
+            if key.spec is not None and not key.spec.disabled:
                 ref = key.spec.secret_ref
                 wanted.setdefault(ref.name, set()).add(ref.key)
         auth = pool.spec.client_auth
         if not auth.disabled and auth.secret_ref is not None:
             wanted.setdefault(auth.secret_ref.name, set()).add(auth.secret_ref.key)
         want_secrets(vkeys, wanted)
-
-        secrets = await self.secrets.resolve(namespace, wanted, self._meta)
-        applied: dict[str, Applied] = {}
-        inputs: list[KeyInput] = []
+        secrets = await self.secrets.resolve(namespace, wanted)
+        inputs = [
+            KeyInput(key.name, key.spec, None, key.ref.generation)
+            for key in keys
+            if key.spec is not None
+        ]
+        translation = translate(
+            PoolInput(name, namespace, pool.spec, vkey_inputs(vkeys)), inputs, secrets, self._clock()
+        )
+        del secrets
         for key in keys:
             if key.spec is None:
-                continue
-            status = key.parsed_status()
-            reports = taken.by_key.get(key.name)
-            if reports:
-                ref = key.spec.secret_ref
-                value = (secrets.get(ref.name) or {}).get(ref.key, "").strip()
-                result = apply_reports(
-                    key.status,
-                    reports,
-                    fingerprint=fingerprint(value) if value and not key.spec.disabled else None,
-                    generation=key.ref.generation,
-                    spec=pool.spec,
-                    now=now,
+                translation.verdicts[key.name] = KeyVerdict(
+                    KeyPhase.INVALID, "InvalidSpec", key.spec_error
                 )
-                applied[key.name] = result
-                status = _parse_status(result.status)
-            inputs.append(KeyInput(key.name, key.spec, status, key.ref.generation))
-        pool_input = PoolInput(name, namespace, pool.spec, vkey_inputs(vkeys))
-        translation = translate(pool_input, inputs, secrets, now)
-        del secrets
-        verdicts.update(_cooling_reasons(translation.verdicts, keys, applied))
-        return translation, verdicts, applied
+        return translation
 
-    async def _drop_reports(self, pool_id: PoolId, taken: Taken, keys: list[KeyRecord]) -> None:
-        """Reports for a pool that cannot serve (gone, invalid spec): consumed, not applied."""
-        uids = {k.name: k.ref.uid for k in keys}
-        marks = [(r, uids.get(r.key, "")) for rs in taken.by_key.values() for r in rs]
-        taken.by_key = {}
-        marks += taken.marks
-        taken.marks = []
-        await self._mark(pool_id, marks)
-        self._consumed.pop(pool_id, None)
+    @staticmethod
+    def _health(
+        pool: PoolRecord,
+        keys: Sequence[KeyRecord],
+        translation: Translation,
+        judged: Sorted,
+        now: float,
+    ) -> tuple[dict[str, KeyVerdict], dict[str, Health]]:
+        """Each key's verdict with the reports' health over it (only for a key that would
+        otherwise be Ready: a configuration problem comes first)."""
+        assert pool.spec is not None
+        verdicts = dict(translation.verdicts)
+        healths: dict[str, Health] = {}
+        for key in keys:
+            verdict = verdicts.get(key.name)
+            if verdict is None or verdict.phase is not KeyPhase.READY:
+                continue
+            found = health(judged.sources.get(key.name, []), verdict.fingerprint, pool.spec, now)
+            healths[key.name] = found
+            if found.phase is not None:
+                verdicts[key.name] = KeyVerdict(
+                    found.phase,
+                    found.reason,
+                    found.message,
+                    verdict.fingerprint,
+                    found.cooldown_until,
+                )
+        return verdicts, healths
 
-    async def _mark(self, pool_id: PoolId, marks: list[tuple[Report, str]]) -> int:
-        """Label report Events consumed; the number marked. Failures are kept for the retry."""
-        if not marks:
-            return 0
-        gate = asyncio.Semaphore(self._opt.write_concurrency)
-
-        async def one(report: Report, key_uid: str) -> bool:
-            async with gate:
-                try:
-                    await self._api.patch_event(
-                        report.namespace, report.name, report.consumed_patch(key_uid)
-                    )
-                except NotFound:
-                    pass  # expired (Events live an hour) or deleted: nothing left to mark
-                except BaseException:
-                    self.reports.to_mark(pool_id, [report], key_uid)
-                    raise
-            self.reports.marked(report)
-            self._consumed[pool_id] += 1
-            return True
-
-        outcomes = await asyncio.gather(*(one(r, u) for r, u in marks), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return sum(1 for outcome in outcomes if outcome is True)
+    async def _orphans(
+        self, pool_id: PoolId, keys: list[KeyRecord], reports: list[ReportRecord], now: float
+    ) -> Outcome:
+        """The pool is gone: one pool-level Event, then the keys marked at a bounded rate."""
+        namespace, name = pool_id
+        gone = Cond(ACCEPTED, "False", "PoolNotFound", f"no CreditPool {name!r} here")
+        await self.desk.judge(reports, {r.name: gone for r in reports}, now)
+        live = [k for k in keys if not k.deleting]
+        if not live:
+            self._orphaned.pop(pool_id, None)
+            return Outcome(alive=bool(keys or reports))
+        since = self._orphaned.setdefault(pool_id, now)
+        if now < since + self._opt.orphan_grace_seconds:
+            return Outcome(deadline=since + self._opt.orphan_grace_seconds)
+        message = f"CreditPool {name!r} not found in namespace {namespace!r}"
+        if pool_id not in self._announced:
+            self._announced.add(pool_id)
+            ref = self._pool_refs.get(pool_id) or ObjectRef(
+                "CreditPool", namespace, name, "", "", None
+            )
+            await self._api.post_event(
+                ref.involved(GROUP_VERSION),
+                type_="Warning",
+                reason="PoolNotFound",
+                message=f"{message}; its {len(live)} PoolKey(s) are Invalid until it returns",
+            )
+        orphan = KeyVerdict(KeyPhase.INVALID, "PoolNotFound", message)
+        todo = [k for k in live if (k.status.get("phase"), k.status.get("message")) != (
+            orphan.phase.value, orphan.message)]  # fmt: skip
+        batch = todo[: self._opt.orphan_rate]
+        verdicts = {k.name: orphan for k in batch}
+        await self._write_keys(batch, verdicts, {}, None, gone=(), stamp=rfc3339(now), events=False)
+        return Outcome(deadline=now + 1.0 if len(todo) > len(batch) else None)
 
     async def _write_keys(
         self,
-        keys: list[KeyRecord],
+        keys: Sequence[KeyRecord],
         verdicts: Mapping[str, KeyVerdict],
+        healths: Mapping[str, Health],
+        judged: Sorted | None,
+        *,
+        gone: Collection[str],
         stamp: str,
-        applied: Mapping[str, Applied] | None = None,
-        pool_id: PoolId | None = None,
-    ) -> int:
-        """Patch the statuses that differ; the number patched. Applied reports are marked
-        consumed once their key's status is written (or handed back if it could not be)."""
-        gate = asyncio.Semaphore(self._opt.write_concurrency)
-        applied = applied or {}
+        events: bool = True,
+    ) -> dict[str, str]:
+        """Patch the statuses that differ. Each key on its own: the failures come back as
+        {key name: why}, the others are written regardless."""
 
-        async def one(key: KeyRecord) -> bool:
-            verdict = verdicts.get(key.name)
-            reports = applied.get(key.name)
-            if verdict is None or self._stale("PoolKey", key.ref):
-                if reports is not None and pool_id is not None:
-                    self.reports.give_back(pool_id, reports.reports)
-                return False
-            where = "the Secret"
-            if key.spec is not None:
-                ref = key.spec.secret_ref
-                where = f"Secret {ref.name!r} key {ref.key!r}"
-            basis = reports.status if reports is not None else key.status
-            desired = status_of(verdict, basis, key.ref.generation, stamp, where)
-            if reports is not None:
-                desired.update(reports.counters)
-            patch = status_patch(key.status, desired)
-            wrote = False
-            if patch:
-                # The proxy that saw the 401/403 already posted the Event for this revocation.
-                event = (
-                    None
-                    if reports is not None and reports.revoked
-                    else (key_event(verdict, key.status))
-                )
-                async with gate:
-                    if event is not None:
-                        await self._api.post_event(
-                            key.ref.involved(GROUP_VERSION),
-                            type_=event.type,
-                            reason=event.reason,
-                            message=event.message,
-                        )
-                    try:
-                        result = await self._api.patch_status(
-                            "poolkeys", key.ref.namespace, key.name, patch, **_GV
-                        )
-                    except NotFound:
-                        result = None  # deleted meanwhile; its deletion event triggers a run
-                    except BaseException:
-                        if reports is not None and pool_id is not None:
-                            self.reports.give_back(pool_id, reports.reports)
-                        raise
-                if result is not None:
-                    self._remember("PoolKey", key.ref, result)
-                    wrote = True
-            if reports is not None and pool_id is not None:
-                await self._mark(pool_id, [(r, key.ref.uid) for r in reports.reports])
-            return wrote
+        async def one(key: KeyRecord | None) -> None:
+            for _ in range(3):
+                if key is None:
+                    return  # deleted meanwhile
+                sources = judged.sources.get(key.name, []) if judged is not None else []
+                if await self._write_key(
+                    key,
+                    verdicts[key.name],
+                    found=healths.get(key.name),
+                    sources=sources,
+                    gone=gone,
+                    stamp=stamp,
+                    events=events,
+                ):
+                    return
+                key = await self._reread(key)  # someone wrote it since we read it: fold again
+            raise Conflict(f"PoolKey {key.name if key else ''} kept changing")
 
-        outcomes = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return sum(1 for outcome in outcomes if outcome is True)
+        todo = [k for k in keys if k.name in verdicts and not k.deleting]
+        results = await asyncio.gather(*(one(k) for k in todo), return_exceptions=True)
+        failed: dict[str, str] = {}
+        for key, result in zip(todo, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                failed[key.name] = describe(result)
+        if failed:
+            log.warning("could not write the status of %d PoolKey(s): %s", len(failed),
+                        "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))  # fmt: skip
+        return failed
+
+    async def _write_key(
+        self,
+        key: KeyRecord,
+        verdict: KeyVerdict,
+        *,
+        found: Health | None,
+        sources: Sequence[Source],
+        gone: Collection[str],
+        stamp: str,
+        events: bool,
+    ) -> bool:
+        """One key's status patch; False on a conflict (re-read and try again)."""
+        where = "the Secret"
+        if key.spec is not None:
+            ref = key.spec.secret_ref
+            where = f"Secret {ref.name!r} key {ref.key!r}"
+        desired = status_of(verdict, key.status, key.ref.generation, stamp, where)
+        desired.update((found or Health()).fields())
+        if key.spec is not None:
+            desired.update(fold_counts(key.status, sources, gone))
+        patch = status_patch(key.status, desired)
+        if not patch:
+            return True
+        # A patch that moves counts applies only to the version it was computed from.
+        counted = not COUNT_FIELDS.isdisjoint(patch)
+        try:
+            result = await self._api.patch_status(
+                "poolkeys",
+                key.ref.namespace,
+                key.name,
+                patch,
+                **_GV,
+                resource_version=key.ref.resource_version if counted else None,
+            )
+        except NotFound:
+            return True  # deleted meanwhile; its deletion event triggers a run
+        except Conflict:
+            return False
+        self._remember("PoolKey", key.ref, result)
+        event = key_event(verdict, key.status) if events else None
+        if event is not None:
+            await self._api.post_event(
+                key.ref.involved(GROUP_VERSION),
+                type_=event.type,
+                reason=event.reason,
+                message=event.message,
+            )
+        return True
+
+    async def _reread(self, key: KeyRecord) -> KeyRecord | None:
+        body = await self._api.get_custom("poolkeys", key.ref.namespace, key.name, **_GV)
+        return None if body is None else KeyRecord.of(body)
 
     async def _write_pool(self, pool: PoolRecord, facts: PoolFacts, stamp: str) -> int:
         if self._stale("CreditPool", pool.ref):
@@ -589,28 +661,19 @@ class Reconciler:
         self._patched[slot] = _Patched(before - {after}, after, fresh)
 
 
-def _cooling_reasons(
-    verdicts: Mapping[str, KeyVerdict],
-    keys: Collection[KeyRecord],
-    applied: Mapping[str, Applied],
-) -> dict[str, KeyVerdict]:
-    """translate() knows a deadline, not its cause: a breaker's cool-down says CircuitOpen."""
-    statuses = {k.name: k.status for k in keys}
-    out = dict(verdicts)
-    for name, verdict in verdicts.items():
-        if verdict.phase is not KeyPhase.COOLING_DOWN:
-            continue
-        reason = cooling_reason(statuses.get(name) or {}, applied.get(name))
-        if reason != verdict.reason:
-            out[name] = replace(verdict, reason=reason, message=COOLING_MESSAGES[reason])
-    return out
-
-
 def _facts(
-    translation: Translation, verdicts: Mapping[str, KeyVerdict], written: TableWrite
+    translation: Translation,
+    verdicts: Mapping[str, KeyVerdict],
+    written: TableWrite,
+    failed: Mapping[str, str],
+    had_failures: bool = True,
 ) -> PoolFacts:
     total, ready, cooling, invalid = count_phases(verdicts)
-    usable = translation.usable_keys
+    usable = sum(
+        1
+        for k in translation.table.keys
+        if k.weight > 0 and (v := verdicts.get(k.name)) is not None and v.phase is KeyPhase.READY
+    )
     # The size check of write_table() is the authoritative one (it measures the real version).
     problems = [p for p in translation.problems if not p.startswith("routing table is ")]
     table = written.condition
@@ -635,4 +698,19 @@ def _facts(
         table=table,
         table_version=written.version,
         table_hash=written.hash,
+        extra=(_keys_written(failed),),
+    )
+
+
+def _keys_written(failed: Mapping[str, str]) -> Cond:
+    if not failed:
+        return Cond(KEYS_WRITTEN, "True", "Written", "every PoolKey status is current")
+    names = sorted(failed)
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    first = failed[names[0]]
+    return Cond(
+        KEYS_WRITTEN,
+        "False",
+        "StatusWriteFailed",
+        f"could not write the status of {len(names)} PoolKey(s): {shown} ({first}); retrying",
     )

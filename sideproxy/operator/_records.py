@@ -1,8 +1,8 @@
 """What the kopf indices hold: small, comparable, value-free records of the watched objects.
 
-A Secret's record holds its resourceVersion and the *names* of its data keys, never a value;
-values live only in :class:`sideproxy.operator._secrets.SecretCache`, and only for keys that a
-PoolKey or a pool's clientAuth references.
+No record ever holds a Secret value: values live only in
+:class:`sideproxy.operator._secrets.SecretCache`, and only for keys that a PoolKey or a pool's
+clientAuth references.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sideproxy.models import CreditPoolSpec, PoolKeySpec, PoolKeyStatus
+from sideproxy.models import POOL_LABEL, CreditPoolSpec, PoolKeySpec, PoolKeyStatus
 from sideproxy.translate import explain_spec_error
+from sideproxy.wire import ACCEPTED, InvalidReport, ReplicaReport, parse_report
 
 PoolId = tuple[str, str]  # (namespace, CreditPool name)
 
@@ -66,6 +67,7 @@ class KeyRecord:
     spec: PoolKeySpec | None
     spec_error: str
     status: Mapping[str, Any] = field(hash=False)
+    deleting: bool = False  # deletionTimestamp set (e.g. its namespace is being deleted)
 
     @property
     def name(self) -> str:
@@ -88,6 +90,7 @@ class KeyRecord:
             spec=spec,
             spec_error=error,
             status=_status_copy(body),
+            deleting=bool(_meta(body).get("deletionTimestamp")),
         )
 
 
@@ -135,28 +138,6 @@ class SecretUse:
     key: str
 
 
-@dataclass(frozen=True, slots=True)
-class SecretMeta:
-    """A Secret as the index knows it: version and data key names. No values."""
-
-    resource_version: str
-    keys: frozenset[str]
-    labels: Mapping[str, str] = field(hash=False, default_factory=dict)
-
-    @classmethod
-    def of(cls, body: Mapping[str, Any]) -> SecretMeta:
-        meta = _meta(body)
-        data = body.get("data") or {}
-        labels = meta.get("labels") or {}
-        return cls(
-            resource_version=str(meta.get("resourceVersion", "")),
-            keys=frozenset(str(k) for k in data) if isinstance(data, Mapping) else frozenset(),
-            labels={str(k): str(v) for k, v in labels.items()}
-            if isinstance(labels, Mapping)
-            else {},
-        )
-
-
 def key_secret_use(body: Mapping[str, Any]) -> tuple[str, SecretUse] | None:
     """(Secret name, use) for a PoolKey body, if it names a Secret."""
     spec = body.get("spec") or {}
@@ -176,3 +157,43 @@ def pool_secret_use(body: Mapping[str, Any]) -> tuple[str, SecretUse] | None:
     if not isinstance(ref, Mapping) or not ref.get("name") or not ref.get("key"):
         return None
     return str(ref["name"]), SecretUse(pool=str(_meta(body).get("name", "")), key=str(ref["key"]))
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRecord:
+    """A ReplicaReport as the index holds it: who sent it and what it says (parsed once)."""
+
+    ref: ObjectRef
+    parsed: ReplicaReport | InvalidReport
+    accepted: Mapping[str, Any] | None = field(hash=False)  # its status' Accepted condition
+    conditions: tuple[Mapping[str, Any], ...] = field(hash=False, default=())
+    deleting: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ReportRecord:
+        status = body.get("status") or {}
+        conditions = status.get("conditions") if isinstance(status, Mapping) else None
+        conds = tuple(c for c in conditions or () if isinstance(c, Mapping))
+        accepted = next((c for c in conds if c.get("type") == ACCEPTED), None)
+        return cls(
+            ref=ObjectRef.of("ReplicaReport", body),
+            parsed=parse_report(body),
+            accepted=copy.deepcopy(dict(accepted)) if accepted else None,
+            conditions=tuple(copy.deepcopy(dict(c)) for c in conds),
+            deleting=bool(_meta(body).get("deletionTimestamp")),
+        )
+
+
+def report_pool(body: Mapping[str, Any]) -> str:
+    """The pool a ReplicaReport object is filed under: its label (what RBAC-free readers and the
+    proxies select by), else its spec's claim."""
+    labels = _meta(body).get("labels") or {}
+    pool = labels.get(POOL_LABEL) if isinstance(labels, Mapping) else None
+    if not pool:
+        spec = body.get("spec") or {}
+        pool = spec.get("pool") if isinstance(spec, Mapping) else None
+    return str(pool or "")

@@ -13,8 +13,10 @@ Environment (all optional; the Helm chart sets the first three):
 ``SIDEPROXY_DEBOUNCE_SECONDS``         quiet period that batches triggers (default 0.15)
 ``SIDEPROXY_MAX_DELAY_SECONDS``        longest a trigger waits under constant churn (default 2)
 ``SIDEPROXY_RESYNC_SECONDS``           full re-check of every pool (default 300)
-``SIDEPROXY_REPORT_DEBOUNCE_SECONDS``  quiet period of a reconcile that a proxy's report
-                                       hurries (a new cool-down or revocation; default 0.02)
+``SIDEPROXY_REPORT_DEBOUNCE_SECONDS``  quiet period of a reconcile that a repair hurries (a
+                                       deleted or edited ConfigMap / key Secret; default 0.02)
+``SIDEPROXY_SHUTDOWN_GRACE_SECONDS``   on SIGTERM, how long running reconciles may take to
+                                       finish before the Lease is released (default 10)
 =====================================  =========================================================
 """
 
@@ -38,16 +40,21 @@ import kopf
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from sideproxy.kubeclient import load_configuration
 from sideproxy.models import API_GROUP, API_VERSION
 from sideproxy.operator._handlers import build_registry
 from sideproxy.operator._kube import KubeApi
 from sideproxy.operator._leader import AlwaysLeader, Leadership, LeaseElector
 from sideproxy.operator._reconcile import Indices, Options, Reconciler
-from sideproxy.operator._reports import REPORT_SELECTOR
+from sideproxy.operator._tables import MANAGED_BY
+from sideproxy.operator._watch import MetaWatch
+from sideproxy.wire import SERVICE_ACCOUNT_NAMESPACE
 
 log = logging.getLogger("sideproxy.operator")
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# Secrets per list page. A page is metadata only, but ``kubectl apply`` copies a Secret's data
+# into an annotation that metadata includes: 50 such 1 MB Secrets are a 50 MB page at worst.
+SECRET_PAGE = 50
 
 
 class StartupError(RuntimeError):
@@ -70,6 +77,7 @@ class Settings:
     lease_name: str = "sideproxy-operator"
     lease_namespace: str = "default"
     lease_seconds: float = 15.0
+    shutdown_grace_seconds: float = 10.0
     reconcile: Options = field(default_factory=Options)
 
     @classmethod
@@ -78,7 +86,7 @@ class Settings:
         lease_ns = os.environ.get("POD_NAMESPACE", "").strip()
         if not lease_ns:
             with contextlib.suppress(OSError):
-                lease_ns = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+                lease_ns = Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip()
         if not lease_ns:
             lease_ns = namespaces[0] if namespaces else "default"
         election = os.environ.get("SIDEPROXY_LEADER_ELECTION", "true").strip().lower()
@@ -89,6 +97,7 @@ class Settings:
             lease_name=os.environ.get("SIDEPROXY_LEASE_NAME", "").strip() or "sideproxy-operator",
             lease_namespace=lease_ns,
             lease_seconds=_env_float("SIDEPROXY_LEASE_SECONDS", 15.0),
+            shutdown_grace_seconds=_env_float("SIDEPROXY_SHUTDOWN_GRACE_SECONDS", 10.0),
             reconcile=Options(
                 quiet_seconds=_env_float("SIDEPROXY_DEBOUNCE_SECONDS", 0.15),
                 max_delay_seconds=_env_float("SIDEPROXY_MAX_DELAY_SECONDS", 2.0),
@@ -96,19 +105,6 @@ class Settings:
                 report_quiet_seconds=_env_float("SIDEPROXY_REPORT_DEBOUNCE_SECONDS", 0.02),
             ),
         )
-
-
-async def load_configuration(kubeconfig: str | None) -> Configuration:
-    """In-cluster service account when running in a pod (and no kubeconfig given), else the
-    kubeconfig file (``$KUBECONFIG`` / ``~/.kube/config`` when ``kubeconfig`` is None)."""
-    configuration = Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        await kube_config.load_kube_config(
-            config_file=kubeconfig, client_configuration=configuration
-        )
-    return configuration
 
 
 async def connection_info(configuration: Configuration) -> kopf.ConnectionInfo:
@@ -143,8 +139,8 @@ def kopf_settings() -> kopf.OperatorSettings:
     settings.scanning.disabled = True
     # We post our own Events, deliberately, and only on transitions.
     settings.posting.enabled = False
-    # Of all Events, only the proxies' unconsumed reports, filtered by the API server.
-    settings.watching.label_selectors["v1", "events"] = REPORT_SELECTOR
+    # Lists in pages: a page, not the whole kind, is what sits in memory at a time.
+    settings.watching.chunk_size = 500
     # A watch that the API server silently drops must not stall us forever.
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
@@ -179,7 +175,7 @@ class Runtime:
             raise StartupError("Runtime.open() was not called")
         served = await api.api_resources(API_GROUP, API_VERSION)
         names = {r.get("name") for r in (served or {}).get("resources") or []}
-        missing = {"creditpools", "poolkeys"} - names
+        missing = {"creditpools", "poolkeys", "replicareports"} - names
         if missing:
             raise kopf.PermanentError(
                 f"the API server does not serve {API_GROUP}/{API_VERSION} "
@@ -200,6 +196,8 @@ class Runtime:
         )
         if isinstance(self.leadership, LeaseElector):
             self._tasks.append(asyncio.create_task(self.leadership.run(), name="lease"))
+        for watch in self._watches(api, self.reconciler):
+            self._tasks.append(asyncio.create_task(watch.run(), name=f"watch {watch.plural}"))
         scope = ", ".join(self.settings.namespaces) or "all namespaces"
         election = (
             f"Lease {self.settings.lease_namespace}/{self.settings.lease_name}"
@@ -208,13 +206,36 @@ class Runtime:
         )
         log.info("operator %s watching %s (%s)", self.settings.identity, scope, election)
 
+    def _watches(self, api: KubeApi, reconciler: Reconciler) -> list[MetaWatch]:
+        """Secrets (metadata only, in pages: values are read by name when referenced) and the
+        ConfigMaps we write (by our label), so a deleted or edited one is repaired at once."""
+        namespaces = self.settings.namespaces
+        return [
+            MetaWatch(
+                api,
+                "secrets",
+                namespaces,
+                reconciler.secret_event,
+                on_listed=reconciler.secrets_listed,
+                page=SECRET_PAGE,
+            ),
+            MetaWatch(
+                api,
+                "configmaps",
+                namespaces,
+                reconciler.configmap_event,
+                label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+            ),
+        ]
+
     def _leadership_changed(self, leading: bool) -> None:
         if leading and self.reconciler is not None:
             self.reconciler.resync()
 
     async def stop(self) -> None:
         if self.reconciler is not None:
-            await self.reconciler.close()
+            # In-flight reconciles finish first; only then is the Lease released (below).
+            await self.reconciler.close(self.settings.shutdown_grace_seconds)
             if self.api is not None:
                 log.info("API writes: %s", json.dumps(dict(sorted(self.api.writes.items()))))
             self.reconciler = None

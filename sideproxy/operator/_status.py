@@ -5,12 +5,13 @@ Conventions (kubebuilder / cert-manager): positive condition types, CamelCase re
 condition. Conditions of types we do not own are kept as they are.
 
 The operator owns these PoolKey status fields: phase, fingerprint, message, observedGeneration,
-conditions, and (only to carry or clear it) cooldownUntil. ``rateLimitedCount`` and
-``lastRateLimited`` belong to the proxy-report consumer and are never touched here.
+conditions. The health fields (cooldownUntil, coolingModels, exhaustedUntil, ...) and the counts
+(rateLimitedCount, appliedReports, ...) come from the ReplicaReport fold (``_fold.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,16 @@ Status = Literal["True", "False", "Unknown"]
 
 # Phases in which a key is out of rotation for something a human must fix or a report said.
 TROUBLED = frozenset({KeyPhase.INVALID, KeyPhase.REVOKED})
+
+
+def rfc3339_ms(timestamp: float) -> str:
+    """RFC 3339 in UTC with milliseconds, rounded up (a deadline never comes early)."""
+    ms = math.ceil(round(timestamp * 1000, 3))
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def rfc3339(timestamp: float) -> str:
@@ -120,14 +131,11 @@ def status_of(
     ``where`` names the reference for the SecretResolved message (e.g. "Secret 'groq' key
     'a'"); it never holds a value.
     """
-    cooling = verdict.phase is KeyPhase.COOLING_DOWN
     return {
         "phase": verdict.phase.value,
         "fingerprint": verdict.fingerprint,
         "message": verdict.message,
         "observedGeneration": generation,
-        # The deadline's source is the status itself (proxy reports); keep its text verbatim.
-        "cooldownUntil": current.get("cooldownUntil") if cooling else None,
         "conditions": merge_conditions(
             current.get("conditions"), key_conditions(verdict, where), generation, now
         ),
@@ -139,7 +147,8 @@ def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     patch: dict[str, Any] = {}
     for key, value in desired.items():
         if value is None:
-            if current.get(key) is not None:
+            # The CRD's defaults (0, []) come back for an unset field: those count as unset.
+            if current.get(key) not in (None, 0, [], {}, ""):
                 patch[key] = None
         elif current.get(key) != value:
             patch[key] = value
@@ -184,6 +193,11 @@ class PoolFacts:
     table: Cond
     table_version: int | None
     table_hash: str | None
+    extra: tuple[Cond, ...] = ()  # e.g. KeysWritten
+
+    @property
+    def conditions(self) -> tuple[Cond, ...]:
+        return (self.ready, self.table, *self.extra)
 
 
 def count_phases(verdicts: Mapping[str, KeyVerdict]) -> tuple[int, int, int, int]:
@@ -211,7 +225,7 @@ def pool_status(
         "tableHash": facts.table_hash,
         "observedGeneration": generation,
         "conditions": merge_conditions(
-            current.get("conditions"), [facts.ready, facts.table], generation, now
+            current.get("conditions"), list(facts.conditions), generation, now
         ),
     }
     return desired
@@ -221,7 +235,7 @@ def pool_events(facts: PoolFacts, current: Mapping[str, Any]) -> list[KeyEvent]:
     """Events for the pool's Ready and TableWritten conditions: a Warning when one turns (or
     stays) not-True with a new reason, a Normal one when it recovers."""
     events = []
-    for cond in (facts.ready, facts.table):
+    for cond in facts.conditions:
         old = condition(current, cond.type)
         same = (
             old is not None

@@ -74,6 +74,7 @@ class TableWrite:
     table_written: bool
     secret_written: bool
     condition: Cond  # TableWritten
+    saved: tuple[tuple[str, str, str], ...] = ()  # (kind, name, resourceVersion) we wrote
 
 
 def controlled_by(body: Mapping[str, Any], owner: Owner) -> bool:
@@ -208,6 +209,7 @@ async def write_table(
     secret_meta = _metadata(existing_secret, owner, secret_name, "key-material", {})
     data = _encode(translation.material)
     secret_written = False
+    saved: list[tuple[str, str, str]] = []
     if (
         existing_secret is None
         or (existing_secret.get("data") or {}) != data
@@ -220,7 +222,8 @@ async def write_table(
             "type": "Opaque",
             "data": data,
         }
-        await api.save("Secret", owner.namespace, body)
+        result = await api.save("Secret", owner.namespace, body)
+        saved.append(("Secret", secret_name, _version(result)))
         secret_written = True
 
     annotations = {VERSION_ANNOTATION: str(version), HASH_ANNOTATION: sealed.hash}
@@ -233,7 +236,8 @@ async def write_table(
             "metadata": cm_meta,
             "data": {TABLE_DATA_KEY: text},
         }
-        await api.save("ConfigMap", owner.namespace, body)
+        result = await api.save("ConfigMap", owner.namespace, body)
+        saved.append(("ConfigMap", cm_name, _version(result)))
         table_written = True
     message = (
         f"version {version} ({sealed.hash[:12]}) in ConfigMap {cm_name}, "
@@ -245,7 +249,12 @@ async def write_table(
         table_written,
         secret_written,
         Cond(TABLE_WRITTEN, "True", "TableCurrent", message),
+        tuple(saved),
     )
+
+
+def _version(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("resourceVersion", ""))
 
 
 def _not_owned(kind: str, name: str) -> Cond:

@@ -11,9 +11,10 @@ against what the rest of the repository imports)::
     configure_logging(fmt, level)       text or JSON log lines
     ConfigRuntime                       applies source events to the app (app[RUNTIME])
     TransitionHook                      the type of ``on_transitions``
-    sources: ConfigSource, Snapshot, SourceEvent, Rejected, SourceUnavailable, EnvSource,
-             FileSource, StaticSource, QueueSource, load_file, cluster_source,
-             register_cluster_source
+    sources: ConfigSource, Snapshot, SourceEvent, Rejected, EnvSource, FileSource,
+             StaticSource, QueueSource, load_file,
+             HealthPeer (a source that shares key health: cluster mode's
+             ``sideproxy.proxy.kube.KubeSource``, loaded only in cluster mode)
     app keys: POOL, RUNTIME, METRICS, FORWARDER, SETTINGS
     errors: ProxyError and error_response (the one OpenAI-shaped error helper)
 
@@ -40,15 +41,13 @@ from sideproxy.proxy.sources import (
     ConfigSource,
     EnvSource,
     FileSource,
+    HealthPeer,
     QueueSource,
     Rejected,
     Snapshot,
     SourceEvent,
-    SourceUnavailable,
     StaticSource,
-    cluster_source,
     load_file,
-    register_cluster_source,
 )
 
 __all__ = [
@@ -61,22 +60,20 @@ __all__ = [
     "ConfigSource",
     "EnvSource",
     "FileSource",
+    "HealthPeer",
     "ProxyError",
     "ProxySettings",
     "QueueSource",
     "Rejected",
     "Snapshot",
     "SourceEvent",
-    "SourceUnavailable",
     "StaticSource",
     "TransitionHook",
-    "cluster_source",
     "configure_logging",
     "create_app",
     "error_response",
     "load_file",
     "new_event_loop",
-    "register_cluster_source",
     "running",
     "serve",
 ]

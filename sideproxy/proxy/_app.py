@@ -43,7 +43,7 @@ from sideproxy.proxy._forward import Forwarder, TransitionHook
 from sideproxy.proxy._metrics import Metrics
 from sideproxy.proxy._probes import Prober
 from sideproxy.proxy._settings import ProxySettings
-from sideproxy.proxy.sources import ConfigSource, Rejected, Snapshot, SourceEvent
+from sideproxy.proxy.sources import ConfigSource, HealthPeer, Rejected, Snapshot, SourceEvent
 
 __all__ = [
     "FORWARDER",
@@ -107,7 +107,13 @@ class ConfigRuntime:
         self.clock = clock
         self.first_event = asyncio.Event()
         self.last_rejected: tuple[float, str] | None = None
+        # Set while the newest config event was a rejection (the last good table serves).
+        self.rejected_now = False
+        # Why the source failed, until it delivers again (``/readyz`` answers 503 meanwhile).
+        self.source_error: str | None = None
         self.applied = 0
+        if isinstance(source, HealthPeer):
+            source.attach(pool)
 
     @property
     def compiled(self) -> Compiled | None:
@@ -142,10 +148,6 @@ class ConfigRuntime:
             self.pool.configure(compiled.keys, compiled.policy)
         except (CompileError, ValueError) as exc:
             return self._reject(f"{origin}{exc}")
-        for name in compiled.revoked:
-            self.pool.revoke(name, now)
-        for name, until in compiled.cooling:
-            self.pool.impose_cooldown(name, until, now)
         self.forwarder.compiled = compiled  # the swap
         if compiled.held_back:
             log.warning(
@@ -173,6 +175,7 @@ class ConfigRuntime:
 
     def _reject(self, reason: str) -> bool:
         self.last_rejected = (self.clock(), reason)
+        self.rejected_now = True
         self.metrics.reloads.labels("rejected").inc()
         if self.forwarder.compiled is None:
             log.error("config rejected, no routing table to serve yet: %s", reason)
@@ -185,29 +188,48 @@ class ConfigRuntime:
         return False
 
     async def follow(self) -> None:
-        """Consume the source for the life of the app."""
+        """Consume the source for the life of the app; a source that fails is started again
+        (back-off 1 s doubling to 30 s), the last good table serving meanwhile."""
+        backoff = _SOURCE_BACKOFF[0]
         try:
-            async for event in self.source.snapshots():
-                self.apply(event)
-                self.first_event.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error(
-                "config source %s failed (%s); keeping the last good table",
-                _describe(self.source),
-                type(exc).__name__,
-            )
+            while True:
+                try:
+                    async for event in self.source.snapshots():
+                        self.source_error = None
+                        backoff = _SOURCE_BACKOFF[0]
+                        if self.apply(event):
+                            self.rejected_now = False
+                        self.first_event.set()
+                    return  # a source that is done (an EnvSource yields once)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The type only: a source's message could quote what it read.
+                    self.source_error = f"config source failed ({type(exc).__name__})"
+                    log.error(
+                        "config source %s failed (%s); keeping the last good table, "
+                        "restarting it in %.0fs",
+                        _describe(self.source),
+                        type(exc).__name__,
+                        backoff,
+                    )
+                    self.first_event.set()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _SOURCE_BACKOFF[1])
         finally:
             self.first_event.set()
 
     def ready(self) -> tuple[bool, str]:
         compiled = self.forwarder.compiled
         if compiled is None:
-            return False, "no routing table loaded yet"
+            return False, self.source_error or "no routing table loaded yet"
+        if self.source_error is not None:
+            return False, f"{self.source_error}; serving the last good table meanwhile"
         now = self.clock()
         for provider in self.pool.providers():
             if self.pool.next_recovery(provider, now) is not None:
+                if self.rejected_now and self.last_rejected is not None:
+                    return True, "ok; the newest config was rejected, the last good one serves"
                 return True, "ok"
         return False, "no key is usable or will recover: all revoked, or none configured"
 
@@ -236,6 +258,8 @@ class ConfigRuntime:
 
 
 RUNTIME = web.AppKey("sideproxy.runtime", ConfigRuntime)
+# Restart back-off of a failed config source: first and longest wait, seconds.
+_SOURCE_BACKOFF = (1.0, 30.0)
 
 
 # --------------------------------------------------------------------------- middleware

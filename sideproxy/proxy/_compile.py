@@ -9,7 +9,6 @@ out of the pool, listed in the status endpoint) rather than failing the whole ta
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -18,7 +17,6 @@ from yarl import URL
 from sideproxy.models import (
     DEFAULT_BASE_URLS,
     VIRTUAL_KEYS_DATA_KEY,
-    KeyState,
     Provider,
     fingerprint,
 )
@@ -52,8 +50,6 @@ class Compiled:
     virtual_keys: VirtualKeys
     policy: PoolPolicy
     keys: tuple[KeyConfig, ...] = field(repr=False)
-    cooling: tuple[tuple[str, float], ...]  # table says: key name, cooldown_until
-    revoked: tuple[str, ...]
     held_back: tuple[str, ...]  # in the table, but no (matching) key material
     max_attempts: int
     retry_budget: float
@@ -104,8 +100,6 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
     upstreams = {p: _upstream(p, url) for p, url in base_urls.items()}
 
     configs: list[KeyConfig] = []
-    cooling: list[tuple[str, float]] = []
-    revoked: list[str] = []
     held_back: list[str] = []
     for key in table.keys:
         secret = material.get(key.name)
@@ -125,14 +119,6 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
                 models=tuple(key.models),
             )
         )
-        if key.state is KeyState.REVOKED:
-            revoked.append(key.name)
-        elif (
-            key.state is KeyState.COOLING
-            and key.cooldown_until is not None
-            and math.isfinite(key.cooldown_until)
-        ):
-            cooling.append((key.name, key.cooldown_until))
 
     required = ts.client_auth_required or bool(settings.virtual_keys)
     accepted = list(settings.virtual_keys)
@@ -148,8 +134,6 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         virtual_keys=virtual,
         policy=PoolPolicy.from_settings(ts),
         keys=tuple(configs),
-        cooling=tuple(cooling),
-        revoked=tuple(revoked),
         held_back=tuple(held_back),
         max_attempts=ts.retry.max_attempts,
         retry_budget=ts.retry.total_timeout_seconds,

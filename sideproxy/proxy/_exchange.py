@@ -75,44 +75,59 @@ class ClientGone(ConnectionError):
     """The client disconnected; raised by ``Responder.start`` / ``write``."""
 
 
+_NAMES: dict[str, bytes] = {}  # "Content-Type" -> b"content-type": the few names ever asked
+
+
+def _key(name: str) -> bytes:
+    key = _NAMES.get(name)
+    if key is None:
+        key = name.lower().encode("latin-1")
+        if len(_NAMES) < 256:
+            _NAMES[name] = key
+    return key
+
+
 class Headers(Mapping[str, str]):
     """Case-insensitive read access to raw header pairs (first value of a name wins).
 
-    Lookups take the name in any case; iteration yields lower-case names. The index is built on
-    the first lookup, so a request whose headers nobody reads pays nothing for it.
+    Lookups take the name in any case; iteration yields lower-case names. The index (lower-case
+    name bytes -> value bytes) is built on the first lookup, and a value is decoded only when
+    asked for, so a request whose headers nobody reads pays nothing for them.
     """
 
     __slots__ = ("_index", "raw")
 
     def __init__(self, raw: RawHeaders) -> None:
         self.raw = raw
-        self._index: dict[str, str] | None = None
+        self._index: dict[bytes, bytes] | None = None
 
-    def _build(self) -> dict[str, str]:
-        index: dict[str, str] = {}
-        for name, value in self.raw:
-            index.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    def _build(self) -> dict[bytes, bytes]:
+        index = {name.lower(): value for name, value in reversed(self.raw)}
         self._index = index
         return index
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         index = self._index if self._index is not None else self._build()
-        return index.get(name.lower(), default)
+        value = index.get(_key(name))
+        return default if value is None else value.decode("latin-1")
 
     def __getitem__(self, name: str) -> str:
-        index = self._index if self._index is not None else self._build()
-        return index[name.lower()]
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
 
     def __contains__(self, name: object) -> bool:
         index = self._index if self._index is not None else self._build()
-        return isinstance(name, str) and name.lower() in index
+        return isinstance(name, str) and _key(name) in index
 
     def __iter__(self) -> Iterator[str]:
         index = self._index if self._index is not None else self._build()
-        return iter(index)
+        return (name.decode("latin-1") for name in index)
 
     def __len__(self) -> int:
-        return len(self.raw)
+        index = self._index if self._index is not None else self._build()
+        return len(index)
 
     def __repr__(self) -> str:
         return f"Headers({len(self.raw)} lines)"  # values may be credentials: never shown

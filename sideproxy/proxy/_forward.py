@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition, classify
+from sideproxy.proxy._access import AccessLog
 from sideproxy.proxy._admit import Admission, Ticket, window_from_env
 from sideproxy.proxy._attempt import Attempt, Learn, judge
 from sideproxy.proxy._bodies import decoded, is_json, key_level_403, scrub, whole_json
@@ -79,9 +80,7 @@ __all__ = ["Forwarder", "TransitionHook"]
 TransitionHook = Callable[[list[Transition]], None]
 
 log = logging.getLogger("sideproxy.proxy")
-access_log = logging.getLogger("sideproxy.access")
 
-_INFO = logging.INFO
 _monotonic = time.monotonic
 # Statuses whose body may say "out of quota" (insufficient_quota, billing, daily limits).
 _QUOTA_STATUSES = frozenset({400, 402, 403, 429})
@@ -183,6 +182,7 @@ class Forwarder:
         self.client: UpstreamClient | None = None
         self._buffer_limit = settings.buffer_limit
         self._access = settings.access_log
+        self._access_log = AccessLog()
         self._learners: dict[str, Learn] = {}
         self.admission = Admission(metrics.registry, window=window_from_env(), clock=clock)
         self._admitted_for: Compiled | None = None
@@ -192,7 +192,7 @@ class Forwarder:
     async def handle(self, inbound: Inbound, out: Responder) -> None:
         """Answer one request (the transport's entry point)."""
         ctx = _Ctx(inbound, out, _monotonic())
-        self.metrics.inflight.inc()
+        self.metrics.inflight += 1
         status = 499
         try:
             try:
@@ -205,7 +205,7 @@ class Forwarder:
             if ctx.client_gone:
                 status = 499
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight -= 1
             if ctx.ticket is not None:
                 ctx.ticket.close(ctx.key.name if ctx.key is not None else None)
             self._account(ctx, status)
@@ -226,22 +226,16 @@ class Forwarder:
 
     def _account(self, ctx: _Ctx, status: int) -> None:
         self.metrics.client(ctx.provider, status)
-        if self._access and access_log.isEnabledFor(_INFO):
+        if self._access and self._access_log.enabled():
             self._log_access(ctx, status)
 
-    @staticmethod
-    def _log_access(ctx: _Ctx, status: int) -> None:
+    def _log_access(self, ctx: _Ctx, status: int) -> None:
         key = ctx.key
         inbound = ctx.inbound
         ms = round((_monotonic() - ctx.started) * 1000.0, 2)
         path = inbound.path[:512]  # never the query: it may hold tokens
-        access_log.info(
-            "%s %s %d %.2fms",
-            inbound.method,
-            path,
-            status,
-            ms,
-            extra={
+        self._access_log.write(
+            {
                 "method": inbound.method,
                 "path": path,
                 "status": status,
@@ -251,6 +245,7 @@ class Forwarder:
                 "attempts": ctx.attempts,
                 "duration_ms": ms,
             },
+            f"{inbound.method} {path} {status} {ms:.2f}ms",
         )
 
     async def _handle(self, ctx: _Ctx) -> int:

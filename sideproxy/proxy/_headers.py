@@ -46,28 +46,35 @@ AUTHORIZATION = b"Authorization"
 X_API_KEY = b"x-api-key"
 
 
-def _drop_set(raw: RawHeaders, base: frozenset[bytes]) -> frozenset[bytes]:
-    """``base`` plus the header names a ``Connection`` header lists (hop-by-hop by RFC 9110)."""
+def _filtered(raw: RawHeaders, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """``raw`` without the names in ``drop``, nor those a ``Connection`` header lists as
+    hop-by-hop (RFC 9110 7.6.1). One pass; a second only when such a list exists (rare)."""
+    out = []
+    listed: set[bytes] | None = None
     for name, value in raw:
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens = value.strip().lower()
-            if tokens and tokens not in _PLAIN_CONNECTION:
-                return base | {token.strip() for token in tokens.split(b",")}
-    return base
+        lowered = name.lower()
+        if lowered in drop:
+            if lowered == b"connection":
+                tokens = value.strip().lower()
+                if tokens and tokens not in _PLAIN_CONNECTION:
+                    listed = {token.strip() for token in tokens.split(b",")}
+            continue
+        out.append((name, value))
+    if listed:
+        out = [(name, value) for name, value in out if name.lower() not in listed]
+    return out
 
 
 def request_headers(incoming: RawHeaders, auth_name: bytes, auth_value: bytes) -> RawHeaders:
     """Client headers minus hop-by-hop, credentials and framing, plus the key's auth header."""
-    drop = _drop_set(incoming, _DROP_REQUEST)
-    out = [(name, value) for name, value in incoming if name.lower() not in drop]
+    out = _filtered(incoming, _DROP_REQUEST)
     out.append((auth_name, auth_value))
     return out
 
 
 def response_headers(upstream: RawHeaders) -> list[tuple[bytes, bytes]]:
     """Provider headers minus hop-by-hop and Content-Length (the transport frames the body)."""
-    drop = _drop_set(upstream, _DROP_RESPONSE)
-    return [(name, value) for name, value in upstream if name.lower() not in drop]
+    return _filtered(upstream, _DROP_RESPONSE)
 
 
 def with_json_body(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

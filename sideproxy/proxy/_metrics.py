@@ -1,17 +1,24 @@
 """Prometheus metrics, in a registry of the app's own (never the process-global one).
 
-Labels carry key *names* only, never values. ``labels()`` is a locked dict lookup with tuple
-building, too slow for the hot path, so children are cached here per label tuple.
-The key-state gauge is computed at scrape time from ``pool.statuses()``: no hot-path cost.
+Labels carry key *names* only, never values. The request path's counters and histograms are
+plain numbers exported at scrape time (``_HotPath``); so is key state, from ``pool.statuses()``
+(which only reads). prometheus_client objects remain for what changes rarely.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from sideproxy.pool import ManagedCreditPool, Transition
@@ -77,33 +84,103 @@ class _KeyStateCollector(Collector):
         yield from (state, until, models, model_until)
 
 
-class Metrics:
-    def __init__(self, pool: ManagedCreditPool, clock: Callable[[], float] = time.time) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self._upstream = Counter(
+class _Histogram:
+    """Bucket counts and a sum: what ``observe`` costs is one bisect and two additions."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, out = 0, []
+        for bound, count in zip((*_LATENCY_BUCKETS, math.inf), self.counts, strict=True):
+            cumulative += count
+            out.append(("+Inf" if bound == math.inf else repr(bound), float(cumulative)))
+        return out
+
+
+class _HotPath(Collector):
+    """The request path's counters: plain ints and lists in dicts, exported at scrape time.
+
+    prometheus_client's children take a lock per ``inc``/``observe`` (about eight a request);
+    the event loop is one thread, so plain integers are exact and cost a dict lookup each."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._m
+        yield _counter(
             "sideproxy_upstream_requests",
             "Upstream attempts by key name, provider and status ('error', 'timeout' or "
             "'cancelled' when there was none).",
             ["key", "provider", "status"],
-            registry=r,
+            m.upstream_counts,
         )
-        self._client = Counter(
+        yield _counter(
             "sideproxy_requests",
             "Client requests by provider and the status the proxy answered (499: client left).",
             ["provider", "status"],
-            registry=r,
+            m.client_counts,
         )
-        self._retries = Counter(
+        yield _counter(
             "sideproxy_retries",
             "Attempts repeated on another key, by provider and what the previous attempt got.",
             ["provider", "reason"],
-            registry=r,
+            m.retry_counts,
         )
+        yield _histogram(
+            "sideproxy_upstream_latency_seconds",
+            "One upstream attempt, from sending the request to the end of the response body.",
+            m.latencies,
+        )
+        yield _histogram(
+            "sideproxy_time_to_first_byte_seconds",
+            "From the client's request arriving to the first response byte sent back.",
+            m.ttfbs,
+        )
+        yield GaugeMetricFamily(
+            "sideproxy_inflight_requests", "Client requests in progress.", value=m.inflight
+        )
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], counts: dict[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, count in list(counts.items()):
+        family.add_metric(list(values), float(count))
+    return family
+
+
+def _histogram(name: str, doc: str, series: dict[str, _Histogram]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=["provider"])
+    for provider, hist in list(series.items()):
+        family.add_metric([provider], hist.buckets(), hist.total)
+    return family
+
+
+class Metrics:
+    def __init__(self, pool: ManagedCreditPool, clock: Callable[[], float] = time.time) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # The hot path's: plain numbers (see _HotPath).
+        self.inflight = 0
+        self.upstream_counts: dict[tuple[str, ...], int] = {}
+        self.client_counts: dict[tuple[str, ...], int] = {}
+        self.retry_counts: dict[tuple[str, ...], int] = {}
+        self.latencies: dict[str, _Histogram] = {}
+        self.ttfbs: dict[str, _Histogram] = {}
         self._cooldowns = Counter(
             "sideproxy_key_transitions",
-            "Key health changes learnt from provider answers (cool-downs, revocations, breaker), "
-            "by key name and reason.",
+            "Key health changes learnt from provider answers (cool-downs, exhaustion, "
+            "revocations, breaker, recoveries), by key name and reason.",
             ["key", "reason"],
             registry=r,
         )
@@ -113,29 +190,12 @@ class Metrics:
             ["provider"],
             registry=r,
         )
-        self._latency = Histogram(
-            "sideproxy_upstream_latency_seconds",
-            "One upstream attempt, from sending the request to the end of the response body.",
-            ["provider"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self._ttfb = Histogram(
-            "sideproxy_time_to_first_byte_seconds",
-            "From the client's request arriving to the first response byte sent back.",
-            ["provider"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
         self._probes = Counter(
             "sideproxy_key_probes",
             "Token-free probes (GET <baseURL>/models) of exhausted or revoked keys, by result "
             "(ok: the key is back; refused; no_answer).",
             ["provider", "result"],
             registry=r,
-        )
-        self.inflight = Gauge(
-            "sideproxy_inflight_requests", "Client requests in progress.", registry=r
         )
         self.reloads = Counter(
             "sideproxy_config_reloads",
@@ -146,46 +206,36 @@ class Metrics:
         self.table_version = Gauge(
             "sideproxy_table_version", "Version of the routing table being served.", registry=r
         )
+        r.register(_HotPath(self))
         r.register(_KeyStateCollector(pool, clock))
-        self._upstream_children: dict[tuple[str, str, str], Counter] = {}
-        self._client_children: dict[tuple[str, str], Counter] = {}
-        self._retry_children: dict[tuple[str, str], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
-        self._ttfb_children: dict[str, Histogram] = {}
         self._transition_labels: set[tuple[str, str]] = set()
 
     def upstream(self, key: str, provider: str, status: str) -> None:
         labels = (key, provider, status)
-        child = self._upstream_children.get(labels)
-        if child is None:
-            child = self._upstream_children[labels] = self._upstream.labels(*labels)
-        child.inc()
+        counts = self.upstream_counts
+        counts[labels] = counts.get(labels, 0) + 1
 
     def client(self, provider: str, status: int) -> None:
         labels = (provider, str(status))
-        child = self._client_children.get(labels)
-        if child is None:
-            child = self._client_children[labels] = self._client.labels(*labels)
-        child.inc()
+        counts = self.client_counts
+        counts[labels] = counts.get(labels, 0) + 1
 
     def retry(self, provider: str, reason: str) -> None:
         labels = (provider, reason)
-        child = self._retry_children.get(labels)
-        if child is None:
-            child = self._retry_children[labels] = self._retries.labels(*labels)
-        child.inc()
+        counts = self.retry_counts
+        counts[labels] = counts.get(labels, 0) + 1
 
     def latency(self, provider: str, seconds: float) -> None:
-        child = self._latency_children.get(provider)
-        if child is None:
-            child = self._latency_children[provider] = self._latency.labels(provider)
-        child.observe(seconds)
+        hist = self.latencies.get(provider)
+        if hist is None:
+            hist = self.latencies[provider] = _Histogram()
+        hist.observe(seconds)
 
     def ttfb(self, provider: str, seconds: float) -> None:
-        child = self._ttfb_children.get(provider)
-        if child is None:
-            child = self._ttfb_children[provider] = self._ttfb.labels(provider)
-        child.observe(seconds)
+        hist = self.ttfbs.get(provider)
+        if hist is None:
+            hist = self.ttfbs[provider] = _Histogram()
+        hist.observe(seconds)
 
     def probe(self, provider: str, result: str) -> None:
         self._probes.labels(provider, result).inc()
@@ -201,9 +251,8 @@ class Metrics:
 
     def forget_keys(self, keep: set[str]) -> None:
         """Drop the per-key series of keys no longer configured (cardinality stays bounded)."""
-        for labels in [lbl for lbl in self._upstream_children if lbl[0] not in keep]:
-            del self._upstream_children[labels]
-            self._upstream.remove(*labels)
+        for labels in [lbl for lbl in self.upstream_counts if lbl[0] not in keep]:
+            del self.upstream_counts[labels]
         for pair in [lbl for lbl in self._transition_labels if lbl[0] not in keep]:
             self._transition_labels.discard(pair)
             self._cooldowns.remove(*pair)

@@ -1,10 +1,19 @@
-"""Running the app: uvloop when available, aiohttp's graceful shutdown, optional workers.
+"""Running the proxy: the ``/v1`` path on Side Proxy's own HTTP transport, aiohttp behind it.
 
-Both ways of running (``serve`` and ``running``) use :class:`ProxyRunner`, an ``AppRunner``
-whose connection handler answers what aiohttp's HTTP parser rejects (a header line too long,
-too many headers, invalid bytes, a bad request line, broken chunking) in the OpenAI error shape
-too. aiohttp's own answer is a plain-text body quoting up to 100 bytes of the offending line back
-(a header value may be a token); ours names the problem and quotes nothing.
+One port. ``sideproxy.proxy.http.HttpServer`` (asyncio protocols + httptools) accepts every
+connection: requests for the operations endpoints (``/healthz``, ``/readyz``, ``/metrics``,
+``/sideproxy/status``, ``/status``) are relayed, whole, to the aiohttp application over a
+private unix socket (Linux's abstract namespace: no file, no port); every other request goes to
+the forwarder's ``handle`` with the fast ``UpstreamClient``. aiohttp stays the application: its
+startup and cleanup (config source, background tasks), its routes and middleware for the
+operations endpoints. Why the hot path leaves aiohttp: docs/benchmarks.md.
+
+Shutdown (SIGTERM/SIGINT): stop listening, close idle keep-alive connections, let requests and
+streams in flight finish for up to ``shutdown_timeout``, cut what is left, then aiohttp's own
+cleanup (config source, sessions).
+
+``ProxyRunner`` (the aiohttp runner whose parser rejections are in the OpenAI error shape) still
+serves the internal site.
 """
 
 from __future__ import annotations
@@ -14,8 +23,11 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import signal
+import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -30,10 +42,19 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from sideproxy.proxy._app import create_app
-from sideproxy.proxy._errors import error_response
-from sideproxy.proxy._forward import TransitionHook
+from sideproxy.proxy._app import FORWARDER, SETTINGS, create_app
+from sideproxy.proxy._errors import (
+    BodyTooLarge,
+    NotFound,
+    ProxyError,
+    RequestTimeout,
+    error_response,
+)
+from sideproxy.proxy._exchange import Headers, Inbound, UpstreamFailure
+from sideproxy.proxy._forward import Forwarder, TransitionHook
 from sideproxy.proxy._settings import ProxySettings
+from sideproxy.proxy.http import Cycle, HttpServer, Limits, Request, UpstreamClient
+from sideproxy.proxy.http._wire import error_answer
 from sideproxy.proxy.sources import ConfigSource
 
 __all__ = ["ProxyRunner", "new_event_loop", "running", "serve"]
@@ -123,6 +144,136 @@ class ProxyRunner(web.AppRunner):
         return server
 
 
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/sideproxy/status", "/status"})
+_OPS_ORIGIN = "http://sideproxy-ops"
+_OPS_BODY_LIMIT = 64 * 1024 * 1024
+
+
+class Front:
+    """What the fast server runs for each request: the forwarder, or the aiohttp app for the
+    operations endpoints."""
+
+    __slots__ = ("_client", "_forwarder")
+
+    def __init__(self, forwarder: Forwarder, client: UpstreamClient) -> None:
+        self._forwarder = forwarder
+        self._client = client
+
+    async def handle(self, request: Request, cycle: Cycle) -> None:
+        target = request.target.decode("utf-8", "surrogateescape")
+        path, _, query = target.partition("?")
+        if path in OPS_PATHS:
+            await self._relay(request, cycle, target)
+            return
+        inbound = _inbound(request, path, query)
+        if path[:1] != "/" and "://" not in path:
+            # "OPTIONS *", "CONNECT host:port": no route (as aiohttp's router answered them).
+            error = NotFound(f"no route for {path[:200]}", code="unknown_route")
+            await self._forwarder.refuse(inbound, cycle, error)
+            return
+        await self._forwarder.handle(inbound, cycle)
+
+    async def refuse(
+        self, request: Request, cycle: Cycle, status: int, message: str, code: str
+    ) -> None:
+        """413 / 408 from the server, answered (and logged, counted) by the forwarder."""
+        target = request.target.decode("utf-8", "surrogateescape")
+        path, _, query = target.partition("?")
+        error: ProxyError = (
+            BodyTooLarge(message)
+            if status == 413
+            else RequestTimeout(message, headers={"Connection": "close"})
+        )
+        await self._forwarder.refuse(_inbound(request, path, query), cycle, error)
+
+    async def _relay(self, request: Request, cycle: Cycle, target: str) -> None:
+        try:
+            answer = await self._client.send(
+                request.method,
+                _OPS_ORIGIN + target,
+                request.headers,
+                request.body,
+                connect_timeout=5.0,
+                first_byte_timeout=60.0,
+            )
+            body = await answer.read(_OPS_BODY_LIMIT)
+        except UpstreamFailure:
+            log.exception("the operations endpoint did not answer")
+            await cycle.respond(*_parts(503, "operations endpoint unavailable", "not_ready"))
+            return
+        if body is None:
+            answer.close()
+            await cycle.respond(*_parts(502, "operations answer too large", "internal_error"))
+            return
+        answer.release()
+        await cycle.respond(answer.status, answer.raw_headers, body)
+
+
+def _inbound(request: Request, path: str, query: str) -> Inbound:
+    peer = request.peer
+    return Inbound(
+        request.method,
+        path,
+        query,
+        Headers(request.headers),
+        request.body,
+        peer=peer[0] if peer is not None else "-",
+    )
+
+
+def _parts(status: int, message: str, code: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    raw = error_answer(status, message, "proxy_error", code, close=False)
+    return status, [(b"Content-Type", b"application/json")], raw.partition(b"\r\n\r\n")[2]
+
+
+def _ops_socket() -> tuple[socket.socket, str]:
+    """A listening place for the internal aiohttp site nobody else can guess or reach by TCP."""
+    name = f"sideproxy-ops-{os.getpid()}-{secrets.token_hex(8)}"
+    path = "\0" + name if sys.platform == "linux" else os.path.join(tempfile.gettempdir(), name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    return sock, path
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    reuse_port: bool = False,
+) -> AsyncIterator[list[tuple[str, int]]]:
+    """The app started (aiohttp runner on the private socket) and the fast server listening
+    on ``host:port``; yields the bound addresses. On exit: the graceful shutdown above."""
+    settings = app[SETTINGS]
+    runner = ProxyRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=min(shutdown_timeout, 5.0),  # operations requests are short
+        keepalive_timeout=settings.keepalive_timeout,
+        access_log=None,
+    )
+    await runner.setup()
+    client = UpstreamClient(keepalive=settings.upstream_keepalive, limit=settings.connection_limit)
+    try:
+        sock, path = _ops_socket()
+        await web.SockSite(runner, sock).start()
+        client.add_unix_origin(_OPS_ORIGIN, path)
+        forwarder = app[FORWARDER]
+        forwarder.client = client
+        front = Front(forwarder, client)
+        server = HttpServer(front.handle, Limits.from_settings(settings), front.refuse)
+        bound = await server.listen(host, port, reuse_port=reuse_port)
+        try:
+            yield bound
+        finally:
+            await server.shutdown(shutdown_timeout)
+    finally:
+        client.close()
+        await runner.cleanup()
+
+
 def serve(
     settings: ProxySettings,
     source: ConfigSource,
@@ -130,11 +281,8 @@ def serve(
     on_transitions: TransitionHook | None = None,
     workers: int = 1,
 ) -> int:
-    """Serve until SIGTERM/SIGINT. Returns an exit code.
-
-    Shutdown is aiohttp's documented order (``web.run_app`` with ``shutdown_timeout``): stop
-    listening, close idle keep-alive connections, wait up to ``shutdown_timeout`` for in-flight
-    requests and streams, then run cleanup (config source, upstream session).
+    """Serve until SIGTERM/SIGINT, then shut down gracefully (module docstring). Returns an
+    exit code.
 
     ``workers > 1`` forks that many processes sharing the port (``SO_REUSEPORT``). Each worker
     keeps its own pool state, so a 429 one worker sees is not known to the others until the
@@ -153,8 +301,6 @@ def _run(
     *,
     reuse_port: bool,
 ) -> None:
-    """``web.run_app``'s life cycle with :class:`ProxyRunner`: serve until SIGTERM/SIGINT
-    (``GracefulExit``), then the runner's graceful cleanup, then cancel what is left."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     app = create_app(settings, source, on_transitions=on_transitions)
@@ -162,7 +308,7 @@ def _run(
     main = loop.create_task(_serve_until_stopped(app, settings, reuse_port))
     try:
         loop.run_until_complete(main)
-    except (web.GracefulExit, KeyboardInterrupt):
+    except KeyboardInterrupt:
         pass
     finally:
         try:
@@ -179,21 +325,27 @@ def _run(
 async def _serve_until_stopped(
     app: web.Application, settings: ProxySettings, reuse_port: bool
 ) -> None:
-    runner = ProxyRunner(
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with _serving(
         app,
-        handle_signals=True,
+        settings.host,
+        settings.port,
         shutdown_timeout=settings.shutdown_timeout,
-        keepalive_timeout=settings.keepalive_timeout,
-        access_log=None,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
-        await site.start()
-        log.info("listening on %s", ", ".join(str(s.name) for s in runner.sites))
-        await asyncio.Event().wait()  # until GracefulExit (a signal) or cancellation
-    finally:
-        await runner.cleanup()
+        reuse_port=reuse_port,
+    ) as bound:
+        shown = ", ".join(f"http://{_netloc(h, p)}" for h, p in bound)
+        log.info("listening on %s", shown)
+        await stop.wait()
+        log.info(
+            "shutting down: finishing requests in flight (up to %gs)", settings.shutdown_timeout
+        )
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
@@ -235,6 +387,7 @@ def _serve_workers(
                 log.exception("worker failed")
                 code = 1
             finally:
+                logging.shutdown()  # os._exit skips atexit: write what is batched first
                 sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
@@ -260,15 +413,7 @@ async def running(
 ) -> AsyncIterator[str]:
     """Serve ``app`` in the current event loop (tests, the demo, benchmarks); yields its URL.
 
-    Uses aiohttp's ``AppRunner`` + ``TCPSite``: the same server and shutdown path as ``serve``.
+    The same server and shutdown path as ``serve``.
     """
-    runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0]
-        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
-        yield f"http://{shown}:{bound[1]}"
-    finally:
-        await runner.cleanup()
+    async with _serving(app, host, port, shutdown_timeout=shutdown_timeout) as bound:
+        yield f"http://{_netloc(*bound[0])}"

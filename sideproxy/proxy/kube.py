@@ -1,36 +1,21 @@
-"""Cluster mode: the pool's routing table and key material from the API, and reports back to it.
+"""Cluster mode: the pool's configuration from the API, and its health on the health channel.
 
-``ClusterSource`` watches exactly two objects, ``<pool>-routing`` (ConfigMap) and ``<pool>-keys``
-(Secret), by ``fieldSelector=metadata.name=...`` so that RBAC can grant get/list/watch on those
-two ``resourceNames`` and nothing else. It watches the API instead of a mounted volume because
-kubelet refreshes volumes only every minute or so: far too slow to spread a cool-down.
+:class:`KubeSource` is what ``sideproxy serve --pool NAME`` runs. It is two streams that never
+mix (issue 15: health on the config channel rebuilt every replica's pool on every 429):
 
-A table that does not parse, fails its hash or names another pool is yielded as a
-:class:`~sideproxy.proxy.sources.Rejected` (logged, counted, shown in ``/sideproxy/status``) and
-the proxy keeps serving the last good one. When the API server is unreachable both watches
-retry with capped exponential back-off (0.2 s doubling to 5 s) and the proxy serves on.
+* **Configuration** — :class:`ClusterSource` watches exactly two objects, ``<pool>-routing``
+  (ConfigMap) and ``<pool>-keys`` (Secret), by ``fieldSelector=metadata.name=...`` so that RBAC
+  can grant get/list/watch on those two ``resourceNames`` and nothing else. It watches the API
+  instead of a mounted volume because kubelet refreshes volumes only every minute or so. A table
+  that does not parse, fails its hash or names another pool is yielded as a
+  :class:`~sideproxy.proxy.sources.Rejected` (logged, counted, shown in ``/sideproxy/status``)
+  and the proxy keeps serving the last good one.
+* **Health** — :class:`~sideproxy.proxy._replicas.ReportChannel`: this replica's
+  ``ReplicaReport`` out, the pool's other reports in, applied to the live pool as deltas.
 
-``EventReporter`` turns the pool's transitions (429, 401/403, breaker open) into Kubernetes
-Events on the PoolKey, deduplicated per key per cool-down window; the operator consumes them
-and writes ``PoolKey.status`` and the table that every other replica reads. An Event carries:
-
-=============================  ================================================================
-reason                         ``RateLimited`` (429), ``Unauthorized`` (401/403), ``CircuitOpen``
-label ``sideproxy.dev/report`` ``true`` (the operator watches only these)
-label ``sideproxy.dev/pool``   the CreditPool
-``sideproxy.dev/until``        the cool-down deadline, unix seconds (absent for Unauthorized)
-``sideproxy.dev/count``        how many such answers this report stands for
-``sideproxy.dev/fingerprint``  the key value's fingerprint, so a report about a rotated-away
-                               value is recognised as stale
-=============================  ================================================================
-
-Deduplication: one Event per (key, reason, fingerprint) per cool-down window. Answers that
-arrive while a report is queued are folded into it (count, latest deadline); a deadline that
-extends an already reported window by less than ``WINDOW_SLACK`` seconds (the jitter of
-concurrent 429s of one window) is not a new window, and its count rides on the next report.
-Unauthorized is reported once per revocation (the pool emits it once per revocation).
-
-Neither ever logs a key value: material is only ever handed to the pool.
+Both watches survive anything (``_watch.follow``): the API server gone, a malformed event, a
+surprise in a handler — logged, retried with back-off (0.2 s doubling to 5 s) while the proxy
+serves on. Neither ever logs a key value: material is only ever handed to the pool.
 """
 
 from __future__ import annotations
@@ -38,87 +23,134 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import itertools
 import logging
-import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
-import aiohttp
-from kubernetes_asyncio import client, config, watch
-from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio import client
 
+from sideproxy.kubeclient import api_client
 from sideproxy.models import (
-    API_GROUP,
-    API_VERSION,
-    POOL_LABEL,
     TABLE_DATA_KEY,
     RoutingTable,
     fingerprint,
     key_secret_name,
     routing_configmap_name,
 )
-from sideproxy.pool import KeyHealth, Transition
-from sideproxy.proxy.sources import Rejected
+from sideproxy.pool import ManagedCreditPool, Transition
+from sideproxy.proxy._admit import Admission
+from sideproxy.proxy._replicas import ReportChannel
+from sideproxy.proxy._vkshare import UsageChannel
+from sideproxy.proxy._watch import Lister, follow
+from sideproxy.proxy.sources import Rejected, Snapshot, SourceEvent
+from sideproxy.wire import PodRef, default_namespace, replica_name
 
 log = logging.getLogger("sideproxy.proxy.kube")
 
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-REPORT_LABEL = "sideproxy.dev/report"
-UNTIL_ANNOTATION = "sideproxy.dev/until"
-COUNT_ANNOTATION = "sideproxy.dev/count"
-FINGERPRINT_ANNOTATION = "sideproxy.dev/fingerprint"
-REPORTING_COMPONENT = "sideproxy.dev/proxy"
+# How long a starting replica waits for the pool's reports before it serves its first table:
+# long enough to learn the fleet's cool-downs on a healthy API server, short enough that a slow
+# one does not keep a replica out of service (it then learns them a moment later).
+_INITIAL_REPORTS_TIMEOUT = 2.0
 
-# Watches end server-side after this long and are re-established from the last resourceVersion;
-# the client gives up a little later so that a half-open connection cannot hang us forever.
-_WATCH_SECONDS = 60
-_BACKOFF_START, _BACKOFF_MAX = 0.2, 5.0
-# Concurrent 429s of one window compute deadlines a few milliseconds apart: not new windows.
-WINDOW_SLACK = 1.0
-# Reports sent at once (a 1,000-key storm is 1,000 Events; each one is a small POST).
-_SEND_CONCURRENCY = 8
+TableAndKeys = tuple[RoutingTable, dict[str, str]]
 
-Snapshot = tuple[RoutingTable, dict[str, str]]
-
-__all__ = [
-    "COUNT_ANNOTATION",
-    "FINGERPRINT_ANNOTATION",
-    "POOL_LABEL",
-    "REPORT_LABEL",
-    "UNTIL_ANNOTATION",
-    "ClusterSource",
-    "EventReporter",
-    "api_client",
-    "cluster_clients",
-    "default_namespace",
-    "key_secret_name",
-    "routing_configmap_name",
-]
+__all__ = ["ClusterSource", "KubeSource", "pod_ref"]
 
 
-def default_namespace() -> str:
-    """The pod's own namespace (service-account mount), else ``default``."""
-    try:
-        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
-            return f.read().strip() or "default"
-    except OSError:
-        return "default"
+def pod_ref(env: Mapping[str, str] | None = None) -> PodRef | None:
+    """The replica's Pod from the downward API (``POD_NAME``, ``POD_UID``), if both are set."""
+    env = os.environ if env is None else env
+    name, uid = env.get("POD_NAME", "").strip(), env.get("POD_UID", "").strip()
+    return PodRef(name, uid) if name and uid else None
 
 
-async def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig file."""
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    else:
-        await config.load_kube_config(config_file=kubeconfig)
-    return client.ApiClient()
+class KubeSource:
+    """Snapshots from the pool's ConfigMap + Secret; health through the pool's ReplicaReports.
+
+    The app calls :meth:`attach` with its live pool; pass :meth:`report` as
+    ``create_app(on_transitions=...)``. Transitions before the API client is up are not
+    reported (the pool keeps them; the next heartbeat carries its counters).
+    """
+
+    def __init__(
+        self,
+        pool: str,
+        namespace: str | None = None,
+        kubeconfig: str | None = None,
+        *,
+        replica: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pool = pool
+        self.namespace = namespace
+        self.kubeconfig = kubeconfig
+        self.replica = replica  # default: the pod (or host) name and the process id
+        self._clock = clock
+        self._target: ManagedCreditPool | None = None
+        self.channel: ReportChannel | None = None
+        self._admission: Admission | None = None  # virtual-key limits (issue 12, _vkshare)
+
+    def __repr__(self) -> str:
+        return f"KubeSource(pool={self.pool!r}, namespace={self.namespace!r})"
+
+    def attach(self, pool: ManagedCreditPool) -> None:
+        self._target = pool
+        if self.channel is not None:
+            self.channel.attach(pool)
+
+    def attach_admission(self, admission: Admission) -> None:
+        """The app hands over its virtual-key admission: its usage and claims travel in this
+        replica's ReplicaReport too (``_vkshare.UsageChannel``, merge patches of its fields)."""
+        self._admission = admission
+
+    def report(self, transitions: list[Transition]) -> None:
+        channel = self.channel
+        if channel is not None:
+            channel.record(transitions)
+
+    async def snapshots(self) -> AsyncIterator[SourceEvent]:
+        async with api_client(self.kubeconfig) as api:
+            namespace = self.namespace or default_namespace()
+            origin = f"configmap {namespace}/{routing_configmap_name(self.pool)}"
+            replica = self.replica or replica_name(
+                os.environ.get("POD_NAME") or socket.gethostname(), os.getpid()
+            )
+            channel = ReportChannel(
+                api, namespace, self.pool, replica, pod_ref(), clock=self._clock
+            )
+            if self._target is not None:
+                channel.attach(self._target)
+            self.channel = channel
+            task = asyncio.create_task(channel.run(), name="sideproxy-health-channel")
+            usage = None
+            if self._admission is not None:
+                shares = UsageChannel(
+                    api, namespace, self.pool, replica, self._admission, owner=pod_ref()
+                )
+                usage = asyncio.create_task(shares.run(), name="sideproxy-vkey-usage")
+            try:
+                async for event in ClusterSource(api, namespace, self.pool).snapshots():
+                    if isinstance(event, Rejected):
+                        yield event
+                        continue
+                    if not channel.listed.is_set():
+                        # A starting replica learns the fleet's health before its first request.
+                        async with asyncio.timeout(_INITIAL_REPORTS_TIMEOUT):
+                            await channel.listed.wait()
+                    table, material = event
+                    yield Snapshot(table, material, origin)
+                    # The app has configured its pool with this table (the consumer applies an
+                    # event before it asks for the next): apply what the fleet knows to it.
+                    channel.configured({k.name: k.fingerprint for k in table.keys})
+            finally:
+                self.channel = None
+                task.cancel()
+                if usage is not None:
+                    usage.cancel()
+                await asyncio.gather(task, *([usage] if usage else []), return_exceptions=True)
 
 
 class ClusterSource:
@@ -135,19 +167,24 @@ class ClusterSource:
         self._changed = asyncio.Event()
         self.connected = False
 
-    async def snapshots(self) -> AsyncIterator[Snapshot | Rejected]:
-        """Yield a snapshot whenever a valid table and its material are both known and changed,
-        and a :class:`Rejected` for each table that the proxy refuses."""
+    async def snapshots(self) -> AsyncIterator[TableAndKeys | Rejected]:
+        """Yield (table, material) whenever a valid table and its material are both known and
+        changed, and a :class:`Rejected` for each table that the proxy refuses."""
         watchers = [
-            asyncio.create_task(self._follow("configmap", self._on_configmap)),
-            asyncio.create_task(self._follow("secret", self._on_secret)),
+            asyncio.create_task(self._watch("configmap", self._on_configmap)),
+            asyncio.create_task(self._watch("secret", self._on_secret)),
         ]
+        for task in watchers:
+            task.add_done_callback(lambda _: self._changed.set())
         origin = f"configmap {self._namespace}/{routing_configmap_name(self._pool)}"
         last: tuple[str, int] | None = None
         try:
             while True:
                 await self._changed.wait()
                 self._changed.clear()
+                for task in watchers:
+                    if task.done():  # never, by design; if it happens, say so and let the app retry
+                        raise RuntimeError("a watch of the pool's configuration ended")
                 if self._rejected is not None:
                     reason, self._rejected = self._rejected, None
                     yield Rejected(reason, origin)
@@ -168,7 +205,7 @@ class ClusterSource:
         self._rejected = reason
         self._changed.set()
 
-    def _consistent(self, table: RoutingTable, material: dict[str, str]) -> Snapshot:
+    def _consistent(self, table: RoutingTable, material: dict[str, str]) -> TableAndKeys:
         """Serve only keys whose material matches the table's fingerprint.
 
         The operator writes the Secret before the ConfigMap, so a mismatch is a moment in a
@@ -187,12 +224,13 @@ class ClusterSource:
             material = {n: v for n, v in material.items() if n not in mismatched}
         return table, material
 
-    def _on_configmap(self, obj: dict[str, Any] | None) -> None:
+    def _on_configmap(self, obj: Mapping[str, Any] | None) -> None:
         if obj is None:
             log.warning("routing ConfigMap deleted; serving the last good table")
             return
-        raw = (obj.get("data") or {}).get(TABLE_DATA_KEY)
-        if raw is None:
+        data = obj.get("data") or {}
+        raw = data.get(TABLE_DATA_KEY) if isinstance(data, Mapping) else None
+        if not isinstance(raw, str):
             self._reject(f"routing ConfigMap has no {TABLE_DATA_KEY}")
             return
         if self._table is not None and raw == self._last_raw:
@@ -213,285 +251,48 @@ class ClusterSource:
         self._last_raw = raw
         self._changed.set()
 
-    def _on_secret(self, obj: dict[str, Any] | None) -> None:
+    def _on_secret(self, obj: Mapping[str, Any] | None) -> None:
         if obj is None:
             log.warning("key Secret deleted; serving the last good keys")
             return
+        data = obj.get("data") or {}
+        if not isinstance(data, Mapping):
+            log.error("key Secret has no data map; serving the last good keys")
+            return
         material: dict[str, str] = {}
-        for name, value in (obj.get("data") or {}).items():
+        for name, value in data.items():
             try:
-                material[name] = base64.b64decode(value, validate=True).decode()
+                material[str(name)] = base64.b64decode(str(value), validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 log.error("key Secret entry %r is not base64 UTF-8; skipped", name)
         self._material = material
         self._changed.set()
 
-    async def _follow(self, kind: str, on_object: Callable[[dict[str, Any] | None], None]) -> None:
-        """List then watch one named object forever, reconnecting with capped back-off."""
+    def _watch(self, kind: str, on_object: Callable[[Mapping[str, Any] | None], None]) -> Any:
+        """List then watch one named object forever (see ``_watch.follow``)."""
+        lister: Lister
         if kind == "configmap":
             name = routing_configmap_name(self._pool)
-            lister: Callable[..., Awaitable[Any]] = self._core.list_namespaced_config_map
+            lister = self._core.list_namespaced_config_map
         else:
             name = key_secret_name(self._pool)
             lister = self._core.list_namespaced_secret
-        selector = f"metadata.name={name}"
-        backoff = _BACKOFF_START
-        while True:
-            try:
-                response = await lister(
-                    self._namespace,
-                    field_selector=selector,
-                    _preload_content=False,
-                    _request_timeout=_WATCH_SECONDS,
-                )
-                listing = await response.json()
-                items = listing.get("items") or []
-                if items:
-                    on_object(items[0])
-                version = listing["metadata"]["resourceVersion"]
-                self.connected = True
-                backoff = _BACKOFF_START
-                async with watch.Watch() as stream:
-                    async for event in stream.stream(
-                        lister,
-                        self._namespace,
-                        field_selector=selector,
-                        resource_version=version,
-                        timeout_seconds=_WATCH_SECONDS,
-                        allow_watch_bookmarks=True,
-                        _request_timeout=_WATCH_SECONDS + 15,
-                    ):
-                        kind_of = event["type"]
-                        if kind_of in ("ADDED", "MODIFIED"):
-                            on_object(event["raw_object"])
-                        elif kind_of == "DELETED":
-                            on_object(None)
-            except asyncio.CancelledError:
-                raise
-            except (ApiException, aiohttp.ClientError, TimeoutError, OSError, KeyError) as exc:
-                self.connected = False
-                log.warning(
-                    "watch of %s %s interrupted (%s); retrying in %.1fs",
-                    kind,
-                    name,
-                    _describe(exc),
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
 
+        def on_listing(items: list[Mapping[str, Any]]) -> None:
+            if items:
+                on_object(items[0])
 
-_RETRIED = (ApiException, aiohttp.ClientError, TimeoutError, OSError)
+        def on_event(event: str, obj: Mapping[str, Any]) -> None:
+            on_object(None if event == "DELETED" else obj)
 
+        def on_connected(up: bool) -> None:
+            self.connected = up
 
-def _refused(exc: ApiException) -> bool:
-    """Refused for good (RBAC, validation): retrying the same request cannot help."""
-    status = exc.status
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ApiException):
-        return f"HTTP {exc.status} {exc.reason}"
-    return type(exc).__name__
-
-
-@dataclass(slots=True)
-class _Pending:
-    transition: Transition
-    count: int
-
-
-Slot = tuple[str, str, str]  # (key name, reason, fingerprint)
-
-
-class EventReporter:
-    """Tell the cluster what this replica learnt, one Event per key per cool-down window."""
-
-    _REASONS: ClassVar[frozenset[str]] = frozenset({"RateLimited", "Unauthorized", "CircuitOpen"})
-
-    def __init__(
-        self,
-        api: client.ApiClient,
-        namespace: str,
-        pool: str,
-        instance: str | None = None,
-        max_pending: int = 10_000,
-        *,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._core = client.CoreV1Api(api)
-        self._namespace = namespace
-        self._pool = pool
-        self._instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
-        self._pending: dict[Slot, _Pending] = {}
-        self._reported: dict[Slot, float] = {}  # deadline last reported (inf: Unauthorized)
-        self._folded: dict[Slot, int] = {}  # answers deduplicated away, carried to the next report
-        self._wakeup = asyncio.Event()
-        self._max_pending = max_pending
-        self._clock = clock
-        self.sent = 0
-        self.dropped = 0
-
-    @staticmethod
-    def _slot(change: Transition) -> Slot:
-        return (change.name, change.reason, change.fingerprint)
-
-    def _same_window(self, slot: Slot, until: float, now: float) -> bool:
-        """Whether a deadline of ``until`` is already covered by the last report of ``slot``."""
-        sent = self._reported.get(slot)
-        if sent is None or slot[1] == "Unauthorized":
-            return False
-        return now < sent and until <= sent + WINDOW_SLACK
-
-    def report(self, transitions: list[Transition]) -> None:
-        """Non-blocking; called on the request path."""
-        now = self._clock()
-        for change in transitions:
-            if change.reason not in self._REASONS:
-                continue
-            slot = self._slot(change)
-            until = change.until if change.until is not None else math.inf
-            pending = self._pending.get(slot)
-            if pending is not None:
-                pending.count += 1
-                if (pending.transition.until or 0.0) < until:
-                    pending.transition = change
-            elif self._same_window(slot, until, now):
-                self._folded[slot] = self._folded.get(slot, 0) + 1
-            elif len(self._pending) < self._max_pending:
-                self._pending[slot] = _Pending(change, 1 + self._folded.pop(slot, 0))
-            else:
-                self.dropped += 1
-        if self._pending:
-            self._wakeup.set()
-
-    async def run(self) -> None:
-        """Drain reports to the API until cancelled; failures are retried with back-off."""
-        backoff = _BACKOFF_START
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = list(itertools.islice(self._pending.items(), _SEND_CONCURRENCY))
-                previous: dict[Slot, float | None] = {}
-                for slot, pending in batch:
-                    del self._pending[slot]
-                    # Counted as reported from now on, so that the answers still arriving for
-                    # this window while the POST is in flight fold into it.
-                    previous[slot] = self._reported.get(slot)
-                    until = pending.transition.until
-                    self._reported[slot] = until if until is not None else math.inf
-                results = await asyncio.gather(
-                    *(self._send(pending) for _, pending in batch), return_exceptions=True
-                )
-                failed: BaseException | None = None
-                for (slot, pending), result in zip(batch, results, strict=True):
-                    if isinstance(result, asyncio.CancelledError):
-                        raise result
-                    if isinstance(result, ApiException) and _refused(result):
-                        log.error(
-                            "report %s for %s refused (%s); dropped",
-                            slot[1],
-                            slot[0],
-                            _describe(result),
-                        )
-                        self.dropped += 1
-                    elif isinstance(result, _RETRIED):
-                        failed = result
-                        self._unsent(slot, previous[slot])
-                        self._requeue(slot, pending)
-                    elif isinstance(result, BaseException):
-                        log.error(
-                            "report %s for %s failed (%s); dropped",
-                            slot[1],
-                            slot[0],
-                            type(result).__name__,
-                        )
-                        self.dropped += 1
-                    else:
-                        self.sent += 1
-                if failed is not None:
-                    log.warning("could not report to the API (%s); retrying", _describe(failed))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX)
-                else:
-                    backoff = _BACKOFF_START
-            self._prune()
-
-    def _prune(self) -> None:
-        """Forget windows long over (keys come and go, values rotate)."""
-        if len(self._reported) < 4096:
-            return
-        now = self._clock()
-        self._reported = {s: until for s, until in self._reported.items() if now < until < math.inf}
-        self._folded = {s: n for s, n in self._folded.items() if s in self._reported}
-
-    def _unsent(self, slot: Slot, previous: float | None) -> None:
-        if previous is None:
-            self._reported.pop(slot, None)
-        else:
-            self._reported[slot] = previous
-
-    def _requeue(self, slot: Slot, pending: _Pending) -> None:
-        """Put a report that could not be sent back, merged with any newer one for its slot."""
-        pending.count += self._folded.pop(slot, 0)
-        newer = self._pending.get(slot)
-        if newer is None:
-            self._pending[slot] = pending
-            return
-        newer.count += pending.count
-        if (newer.transition.until or 0.0) < (pending.transition.until or 0.0):
-            newer.transition = pending.transition
-
-    async def _send(self, pending: _Pending) -> None:
-        change = pending.transition
-        stamp = datetime.now(UTC)
-        if change.until is not None:
-            until_text = datetime.fromtimestamp(change.until, UTC).isoformat(timespec="seconds")
-            message = f"{change.reason}: out of rotation until {until_text}"
-        else:
-            message = f"{change.reason}: out of rotation until its Secret or spec changes"
-        if change.health is KeyHealth.OPEN:
-            message += " (breaker open after repeated upstream failures)"
-        annotations = {
-            FINGERPRINT_ANNOTATION: change.fingerprint,
-            COUNT_ANNOTATION: str(pending.count),
-        }
-        if change.until is not None:
-            annotations[UNTIL_ANNOTATION] = f"{change.until:.3f}"
-        body: Any = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "generateName": f"{change.name}.",
-                "namespace": self._namespace,
-                "labels": {REPORT_LABEL: "true", POOL_LABEL: self._pool},
-                "annotations": annotations,
-            },
-            "involvedObject": {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": "PoolKey",
-                "name": change.name,
-                "namespace": self._namespace,
-            },
-            "reason": change.reason,
-            "message": f"{message}; reported by {self._instance} ({pending.count}x)",
-            "type": "Warning",
-            "count": pending.count,
-            "firstTimestamp": stamp.isoformat(),
-            "lastTimestamp": stamp.isoformat(),
-            "source": {"component": "sideproxy-proxy", "host": self._instance},
-            "reportingComponent": REPORTING_COMPONENT,
-            "reportingInstance": self._instance[:128],
-        }
-        await self._core.create_namespaced_event(self._namespace, body, _request_timeout=10)
-
-
-@contextlib.asynccontextmanager
-async def cluster_clients(kubeconfig: str | None) -> AsyncIterator[client.ApiClient]:
-    api = await api_client(kubeconfig)
-    try:
-        yield api
-    finally:
-        await api.close()
+        return follow(
+            f"{kind} {self._namespace}/{name}",
+            lister,
+            {"namespace": self._namespace, "field_selector": f"metadata.name={name}"},
+            on_listing,
+            on_event,
+            on_connected=on_connected,
+        )

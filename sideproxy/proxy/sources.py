@@ -12,10 +12,11 @@ A source is anything with an async ``snapshots()`` iterator yielding
   good snapshot.
 
 The app consumes the iterator in a background task for its whole life; the iterator may end
-(an :class:`EnvSource` yields once) or run forever (a :class:`FileSource` polls). The cluster
-source (``sideproxy.proxy.kube.ClusterSource``: ConfigMap + Secret through the Kubernetes API)
-plugs in the same way; :func:`cluster_source` builds it for ``sideproxy serve --pool NAME``
-(another one can be installed with :func:`register_cluster_source`).
+(an :class:`EnvSource` yields once) or run forever (a :class:`FileSource` polls). An iterator
+that raises is a broken source: the app logs it, answers ``/readyz`` with 503 and calls
+``snapshots()`` again after a back-off, serving the last good table meanwhile. The cluster
+source (``sideproxy.proxy.kube.KubeSource``: ConfigMap + Secret through the Kubernetes API)
+plugs in the same way, and is also a :class:`HealthPeer`: the app hands it the live pool.
 
 Each snapshot is validated and compiled by the app (see ``sideproxy.proxy._compile``); a snapshot
 that fails there is treated exactly like a ``Rejected``.
@@ -25,11 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -38,21 +38,19 @@ import yaml
 
 from sideproxy import translate
 from sideproxy.models import KeyPhase, Provider, RoutingTable
+from sideproxy.pool import ManagedCreditPool
 
 __all__ = [
-    "ClusterSourceFactory",
     "ConfigSource",
     "EnvSource",
     "FileSource",
+    "HealthPeer",
     "QueueSource",
     "Rejected",
     "Snapshot",
     "SourceEvent",
-    "SourceUnavailable",
     "StaticSource",
-    "cluster_source",
     "load_file",
-    "register_cluster_source",
 ]
 
 log = logging.getLogger("sideproxy.proxy.sources")
@@ -89,8 +87,12 @@ class ConfigSource(Protocol):
     def snapshots(self) -> AsyncIterator[SourceEvent]: ...
 
 
-class SourceUnavailable(RuntimeError):
-    """A source that cannot be built in this installation (e.g. cluster mode not installed)."""
+@runtime_checkable
+class HealthPeer(Protocol):
+    """A source that also shares key health with other replicas (cluster mode): the app hands
+    it the live pool once, before it consumes ``snapshots()``, to apply what others learnt."""
+
+    def attach(self, pool: ManagedCreditPool) -> None: ...
 
 
 # --------------------------------------------------------------------------- simple sources
@@ -261,35 +263,10 @@ class FileSource:
             snapshot = _parse_file(data, origin, self._pool, self._version + 1, time.time())
         except (translate.ManifestError, ValueError) as exc:
             return Rejected(str(exc), origin)
+        except Exception as exc:
+            # A shape the parser did not expect must not end the follow task (issue 15.3): it
+            # is one more bad file. Its type only: the text could quote the file.
+            log.error("%s: unexpected %s reading the pool file", origin, type(exc).__name__)
+            return Rejected(f"{origin}: unreadable pool file ({type(exc).__name__})", origin)
         self._version += 1
         return snapshot
-
-
-# --------------------------------------------------------------------------- cluster hook
-
-ClusterSourceFactory = Callable[[str, str | None, str | None], ConfigSource]
-_cluster_factory: ClusterSourceFactory | None = None
-
-
-def register_cluster_source(factory: ClusterSourceFactory) -> None:
-    """Install the builder of the cluster source: ``factory(pool, namespace, kubeconfig)``."""
-    global _cluster_factory  # noqa: PLW0603 - a registry of one, set once at import time
-    _cluster_factory = factory
-
-
-def cluster_source(pool: str, namespace: str | None, kubeconfig: str | None) -> ConfigSource:
-    """The source for ``sideproxy serve --pool NAME``.
-
-    A factory installed with :func:`register_cluster_source` wins; otherwise the built-in
-    ``KubeSource`` (``sideproxy.proxy.kube``), which has a ``report`` method to pass as
-    ``on_transitions``. Raises :class:`SourceUnavailable` when the Kubernetes client is missing.
-    """
-    if _cluster_factory is not None:
-        return _cluster_factory(pool, namespace, kubeconfig)
-    if importlib.util.find_spec("kubernetes_asyncio") is None:
-        raise SourceUnavailable(
-            "cluster mode needs the kubernetes-asyncio package; use --file or SIDE_POOL_KEYS"
-        )
-    from sideproxy.proxy._cluster import KubeSource  # noqa: PLC0415 - cluster mode only
-
-    return KubeSource(pool, namespace, kubeconfig)

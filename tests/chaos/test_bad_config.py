@@ -171,7 +171,6 @@ def test_bad_keys_are_conditions_and_events_while_the_rest_serves(bare_loop: Loo
         table = loop.table()
         assert table is not None
         assert [k.name for k in table.keys] == list(keys)
-        time.sleep(0.5)
         served = traffic.count()
         wait_until(lambda: traffic.count() > served + 20, 10, "traffic after the bad keys")
     assert_all_ok(traffic.outcomes, "requests while bad keys were added")
@@ -199,11 +198,10 @@ def edit_table(loop: Loop, text: str) -> None:
 def test_hand_edited_configmap_is_never_loaded_and_is_repaired(bare_loop: Loop) -> None:
     loop = bare_loop
     keys = canaries(3, "cm")
-    # Resync every 3 s: the operator does not watch its ConfigMap, a resync (or any change to
-    # the pool, its keys or Secrets) repairs it. The default resync is 300 s.
-    start(loop, keys, ["a", "b"], SIDEPROXY_RESYNC_SECONDS="3")
+    # The default resync (300 s): the repair comes from the operator's watch of its ConfigMap.
+    start(loop, keys, ["a", "b"])
     a, b = loop.proxies["a"], loop.proxies["b"]
-    time.sleep(1)  # the start-up churn settles
+    loop.settled([a, b])
     good_text = loop.table_text()
     assert good_text is not None
     good = json.loads(good_text)
@@ -247,7 +245,6 @@ def test_hand_edited_configmap_is_never_loaded_and_is_repaired(bare_loop: Loop) 
         assert "rejected routing table" in last_rejected["reason"], last_rejected
         assert proxy.status()["hash"] == good_hash
     assert "rejected routing table" in a.text()
-    assert max(repairs.values()) < 3 + 2, repairs
     print("rejected:", reasons)
     print("repaired after (s):", {k: round(v, 2) for k, v in repairs.items()})
     assert not leaks(loop)

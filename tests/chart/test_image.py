@@ -1,11 +1,14 @@
-"""The container image, checked by reading: no Docker engine runs here.
+"""The container image: its inputs checked by reading, then the image itself built and run.
 
 constraints.txt must pin every runtime dependency (direct and transitive) at a version that
-pyproject.toml allows, and the Dockerfile must build what the chart runs.
+pyproject.toml allows, and the Dockerfile must build what the chart runs. The last tests run the
+image built from this Dockerfile by scripts/build-image.sh (podman; marked ``pods``); the pod
+tests in tests/pods run the same image in a real cluster.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from importlib import metadata
@@ -16,6 +19,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from tests.chart._helm import CHART, ROOT
+from tests.kube.images import Image, podman
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -152,3 +156,59 @@ def test_dockerignore_is_an_allow_list_of_what_the_dockerfile_copies() -> None:
             copied.update(line.split()[1:-1])
     assert copied == allowed, f"COPY {sorted(copied)} vs .dockerignore allows {sorted(allowed)}"
     assert "README.md" in allowed, "pyproject's readme is read at build time"
+
+
+# ------------------------------------------------------------------------------------------------
+# The built image, run: scripts/build-image.sh builds the Dockerfile above with podman (no Docker
+# engine here); each check runs it with no network at all.
+
+
+def _run(image: Image, *args: str, entrypoint: str | None = None) -> str:
+    """``podman run`` the image as the chart does: read-only root (tmpfs /tmp), no network."""
+    # Explicit rlimits: podman's defaults for root exceed what this machine (no
+    # CAP_SYS_RESOURCE) lets runc set, and every run fails with "error setting rlimit".
+    argv = ["run", "--rm", "--network=none", "--read-only", "--cap-drop=ALL",
+            "--security-opt=no-new-privileges", "--ulimit=nofile=1024:1024",
+            "--ulimit=nproc=1024:1024"]  # fmt: skip
+    if entrypoint is not None:
+        argv.append(f"--entrypoint={entrypoint}")
+    proc = podman(*argv, image.ref, *args)
+    assert proc.returncode == 0, f"podman run {' '.join(args)} failed:\n{proc.stderr}"
+    return proc.stdout.strip()
+
+
+def test_the_built_image_runs_sideproxy_as_10001_on_a_read_only_root(app_image: Image) -> None:
+    version = PYPROJECT["project"]["version"]
+    assert _run(app_image, "--version") == f"sideproxy {version}"  # the entrypoint is sideproxy
+    assert _run(app_image, "-u", entrypoint="id") == "10001"
+    assert _run(app_image, "-g", entrypoint="id") == "10001"
+    # Everything both components import loads from the read-only root, and writes fail there:
+    # only /tmp (the chart's emptyDir; a tmpfs here) is writable.
+    probe = (
+        "import sideproxy.proxy, sideproxy.operator, sideproxy.fake_provider, pathlib\n"
+        "pathlib.Path('/tmp/ok').write_text('ok')\n"
+        "try:\n"
+        "    pathlib.Path('/opt/venv/x').write_text('no')\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno)\n"
+    )
+    assert _run(app_image, "-c", probe, entrypoint="python") == "30"  # EROFS
+    help_text = _run(app_image, "serve", "--help")
+    assert "--pool" in help_text
+
+
+def test_the_built_image_config_is_what_the_dockerfile_says(app_image: Image) -> None:
+    proc = podman("image", "inspect", app_image.ref)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout)[0]["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["sideproxy"]
+    assert config["Cmd"] == ["serve"]
+    assert config["WorkingDir"] == "/tmp"
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert env["HOME"] == "/tmp"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.version"] == PYPROJECT["project"]["version"]
+    assert labels["org.opencontainers.image.revision"] not in ("", "unknown")

@@ -62,7 +62,11 @@ def test_proxy_reads_two_named_objects_and_nothing_else(kube: KubeCluster, relea
     assert allowed("watch", f"secret/{POOL}-keys")
     assert allowed("get", f"configmap/{POOL}-routing")
     assert allowed("watch", f"configmap/{POOL}-routing")
-    assert allowed("create", "events")
+    # Health travels on ReplicaReports, which only this identity may write (issue 15.11).
+    for verb in ("create", "patch", "get", "list", "watch"):
+        assert allowed(verb, "replicareports.sideproxy.dev")
+    assert not allowed("delete", "replicareports.sideproxy.dev")
+    assert not allowed("create", "events")
     assert not allowed("get", "secret/unrelated")
     assert not allowed("list", "secrets")
     assert not allowed("watch", "secrets")
@@ -118,6 +122,9 @@ def test_operator_is_confined_to_what_it_manages(kube: KubeCluster, release: str
     assert allowed("create", "secrets")
     assert allowed("update", "configmaps")
     assert allowed("create", "events")
+    assert not allowed("list", "events")  # health comes from ReplicaReports, never Events
+    assert allowed("watch", "replicareports.sideproxy.dev")
+    assert not allowed("create", "replicareports.sideproxy.dev")  # only the proxies write them
     assert allowed("get", "leases.coordination.k8s.io/rel-operator")
     assert allowed("update", "leases.coordination.k8s.io/rel-operator")
     assert allowed("create", "leases.coordination.k8s.io")

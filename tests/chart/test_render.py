@@ -95,6 +95,9 @@ def test_defaults_render_the_core(kube: KubeCluster, tmp_path: Path) -> None:
     assert "preferredDuringSchedulingIgnoredDuringExecution" in proxy["affinity"]["podAntiAffinity"]
     pod_name = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     assert pod_name in container["env"]
+    # The pod's uid: its ReplicaReport is owned by (and garbage collected with) the Pod.
+    pod_uid = {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}
+    assert pod_uid in container["env"]
 
     operator = one(docs, "Deployment", "team-a-operator")
     assert operator["spec"]["replicas"] == 1

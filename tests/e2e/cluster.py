@@ -3,8 +3,9 @@
 No pytest here, so ``bench/cluster_propagation.py`` runs the same setup the tests do. Each
 replica is its own ``sideproxy serve --pool`` process whose kubeconfig holds a ServiceAccount
 token with exactly the chart's proxy Role (get/list/watch of ``<pool>-routing`` and
-``<pool>-keys`` by name, create Events); the operator runs as ``sideproxy operator`` with the
-admin kubeconfig. Key values here are canaries and never leave Secrets and process memory.
+``<pool>-keys`` by name; get/list/watch/create/patch of ReplicaReports); the operator runs as
+``sideproxy operator`` with the admin kubeconfig. Key values here are canaries and never leave
+Secrets and process memory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def install_crds(kube: KubeCluster) -> None:
     kube.kubectl("apply", "-f", str(ROOT / "crds"))
     kube.kubectl(
         "wait", "--for=condition=Established", "crd/creditpools.sideproxy.dev",
-        "crd/poolkeys.sideproxy.dev", "--timeout=60s",
+        "crd/poolkeys.sideproxy.dev", "crd/replicareports.sideproxy.dev", "--timeout=60s",
     )  # fmt: skip
 
 
@@ -116,7 +117,8 @@ class Loop:
                  "resourceNames": [f"{POOL}-routing"], "verbs": ["get", "list", "watch"]},
                 {"apiGroups": [""], "resources": ["secrets"],
                  "resourceNames": [f"{POOL}-keys"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+                {"apiGroups": [GROUP], "resources": ["replicareports"],
+                 "verbs": ["get", "list", "watch", "create", "patch"]},
             ],
         }  # fmt: skip
         binding = {
@@ -209,13 +211,39 @@ class Loop:
     def key_status(self, name: str) -> dict[str, Any]:
         return dict(self.key(name).get("status") or {})
 
-    def reports(self, key: str | None = None) -> list[Any]:
-        """The proxy report Events (of one key)."""
-        selector = f"involvedObject.name={key}" if key else None
-        items = self.core.list_namespaced_event(
-            self.ns, label_selector="sideproxy.dev/report=true", field_selector=selector
-        ).items
-        return list(items)
+    def settled(self, proxies: list[Any]) -> int:
+        """Wait until the operator's start-up is over (the pool's status names the ConfigMap's
+        table version and every replica in ``proxies`` serves it); that version."""
+
+        def same() -> int | None:
+            table = self.table()
+            pool = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.ns, "creditpools", POOL
+            )
+            status = dict(pool).get("status") or {}
+            if table is None or status.get("tableVersion") != table.version:
+                return None
+            served = all(p.status()["version"] == table.version for p in proxies)
+            return table.version if served else None
+
+        version: int = wait_until(same, 30, "the operator's start-up writes to settle")
+        return version
+
+    def reports(self) -> list[dict[str, Any]]:
+        """The pool's ReplicaReports (one per proxy replica)."""
+        items = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, self.ns, "replicareports", label_selector="sideproxy.dev/pool=p"
+        )["items"]
+        return [dict(i) for i in items]
+
+    def reported(self, key: str) -> int:
+        """429s on ``key`` that the replicas' reports count now, all replicas together."""
+        return sum(
+            e.get("counts", {}).get("rateLimited", 0)
+            for r in self.reports()
+            for e in r["spec"].get("keys") or []
+            if e["name"] == key
+        )
 
     def fp(self, name: str) -> str:
         return fingerprint(self.secret_values[name])

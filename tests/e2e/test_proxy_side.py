@@ -1,43 +1,19 @@
-"""The proxy's half of the loop without a cluster: the EventReporter's windows, and a table that
-can lengthen a replica's own cool-down but never shorten or reset it (fast, no ``kube``)."""
+"""The proxy's half of the health channel without a cluster (fast, no ``kube``): what a replica
+reports (``Ledger``), how it applies the others' reports (``Peers`` + ``apply_entries``), and
+that configuration never touches health (a table change keeps every cool-down; a table that
+still carries the old ``state``/``cooldown_until`` fields changes nothing)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from typing import Any
-
-import aiohttp
-import pytest
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from sideproxy.models import KeyState, Provider, RoutingTable, TableKey, TableSettings, fingerprint
-from sideproxy.pool import KeyHealth, Outcome, Transition
+from sideproxy.pool import Key, KeyConfig, KeyHealth, ManagedCreditPool, Outcome, Transition
 from sideproxy.proxy import POOL, RUNTIME, ProxySettings, Snapshot, create_app
-from sideproxy.proxy.kube import EventReporter
+from sideproxy.proxy._ledger import Ledger, Peers, apply_entries
+from sideproxy.wire import Cooling, KeyCounts, KeyReport, ReplicaReportSpec
 
 NOW = 1_750_000_000.0
-V1, V2 = "sk-CANARY-proxy-side-1", "sk-CANARY-proxy-side-2"
-
-
-class Core:
-    """Stands in for CoreV1Api.create_namespaced_event; can hold a POST in flight or fail it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.failures: list[BaseException] = []
-        self.hold: asyncio.Event | None = None
-        self.calls = 0
-
-    async def create_namespaced_event(
-        self, namespace: str, body: dict[str, Any], _request_timeout: float | None = None
-    ) -> None:
-        self.calls += 1
-        if self.hold is not None:
-            await self.hold.wait()
-        if self.failures:
-            raise self.failures.pop(0)
-        self.bodies.append(body)
+V1, V2, V3 = "sk-CANARY-proxy-side-1", "sk-CANARY-proxy-side-2", "sk-CANARY-proxy-side-3"
+FP1, FP2 = fingerprint(V1), fingerprint(V2)
 
 
 class Clock:
@@ -47,111 +23,167 @@ class Clock:
         return self.now
 
 
-def reporter(clock: Clock) -> tuple[EventReporter, Core]:
-    rep = EventReporter(object(), "team", "p", instance="proxy-a", clock=clock)  # type: ignore[arg-type]
-    core = Core()
-    rep._core = core  # type: ignore[assignment]
-    return rep, core
-
-
-def limited(until: float, fp: str = fingerprint(V1), name: str = "key-1") -> Transition:
+def limited(until: float, fp: str = FP1, name: str = "key-1") -> Transition:
     return Transition(name, fp, KeyHealth.COOLING, until, "RateLimited")
 
 
-async def drain(rep: EventReporter, core: Core, events: int) -> None:
-    async with asyncio.timeout(5):
-        while len(core.bodies) + rep.dropped < events:  # noqa: ASYNC110 - counters, no event
-            await asyncio.sleep(0.005)
+def pool_of(*values: str) -> ManagedCreditPool:
+    return ManagedCreditPool(
+        [KeyConfig(f"key-{i}", "custom", v) for i, v in enumerate(values, start=1)]
+    )
 
 
-@pytest.fixture
-async def running() -> Any:
-    clock = Clock()
-    rep, core = reporter(clock)
-    task = asyncio.create_task(rep.run())
-    yield rep, core, clock
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+def health(pool: ManagedCreditPool, name: str, now: float) -> tuple[str, float | None]:
+    (status,) = [s for s in pool.statuses(now) if s.name == name]
+    return status.health.value, status.until
 
 
-async def test_a_storm_of_429s_is_one_event_per_window(running: Any) -> None:
-    rep, core, clock = running
-    core.hold = asyncio.Event()
-    rep.report([limited(NOW + 30)])
-    await asyncio.sleep(0.02)  # the first POST is in flight now
-    for i in range(50):  # concurrent 429s of one window: deadlines a few ms apart
-        rep.report([limited(NOW + 30 + i * 0.003)])
-    core.hold.set()
-    await drain(rep, core, 1)
-    await asyncio.sleep(0.05)
-    assert len(core.bodies) == 1
-    assert core.calls == 1
-    body = core.bodies[0]
-    assert body["reason"] == "RateLimited"
-    assert body["metadata"]["labels"] == {"sideproxy.dev/report": "true", "sideproxy.dev/pool": "p"}
-    assert body["metadata"]["annotations"] == {
-        "sideproxy.dev/fingerprint": fingerprint(V1),
-        "sideproxy.dev/count": "1",
-        "sideproxy.dev/until": f"{NOW + 30:.3f}",
-    }
-    assert body["involvedObject"]["kind"] == "PoolKey"
-    assert body["involvedObject"]["name"] == "key-1"
-    assert V1 not in json.dumps(body)
-
-    # The next window is a new Event, carrying the answers folded into the last one.
-    clock.now = NOW + 31
-    rep.report([limited(NOW + 61)])
-    await drain(rep, core, 2)
-    assert core.bodies[1]["metadata"]["annotations"]["sideproxy.dev/count"] == "51"
-    # A deadline that lengthens the reported one by more than the slack is reported too.
-    rep.report([limited(NOW + 90)])
-    await drain(rep, core, 3)
-    assert len(core.bodies) == 3
+# --------------------------------------------------------------------------- what a replica says
 
 
-async def test_answers_queued_behind_one_report_fold_into_it(running: Any) -> None:
-    rep, core, _ = running
-    core.hold = asyncio.Event()
-    rep.report([limited(NOW + 5, name="other")])  # occupies the sender
-    await asyncio.sleep(0.02)
-    rep.report([limited(NOW + 30)] * 5)
-    rep.report([limited(NOW + 35)])
-    core.hold.set()
-    await drain(rep, core, 2)
-    (mine,) = [b for b in core.bodies if b["involvedObject"]["name"] == "key-1"]
-    assert mine["metadata"]["annotations"]["sideproxy.dev/count"] == "6"
-    assert mine["metadata"]["annotations"]["sideproxy.dev/until"] == f"{NOW + 35:.3f}"
+def test_the_report_says_what_this_replica_saw_and_only_news_asks_for_a_write() -> None:
+    ledger = Ledger()
+    pool = pool_of(V1, V2)
+    assert ledger.record([limited(NOW + 30)]) is True
+    # Concurrent 429s of the same window: nothing new, no write asked for.
+    assert ledger.record([limited(NOW + 29), limited(NOW + 30)]) is False
+    assert ledger.record([limited(NOW + 45)]) is True  # a later deadline is news
+    spec = ledger.spec("p", "proxy-a-1", NOW, pool.statuses(NOW))
+    assert spec.pool == "p"
+    assert spec.replica == "proxy-a-1"
+    assert spec.heartbeat == NOW
+    assert spec.keys_reported == 1  # key-2 has nothing to say yet
+    (entry,) = spec.keys
+    assert entry.name == "key-1"
+    assert entry.fingerprint == FP1
+    assert entry.cooling == [Cooling(model="", until=NOW + 45)]
+    assert not entry.revoked
+    assert V1 not in spec.model_dump_json()
 
 
-async def test_revocations_are_per_value(running: Any) -> None:
-    rep, core, _ = running
-    revoked = Transition("key-1", fingerprint(V1), KeyHealth.REVOKED, None, "Unauthorized")
-    rep.report([revoked])
-    await drain(rep, core, 1)
-    # The key's value is rotated, the new one is rejected too: that is news.
-    rep.report([Transition("key-1", fingerprint(V2), KeyHealth.REVOKED, None, "Unauthorized")])
-    await drain(rep, core, 2)
-    assert [b["metadata"]["annotations"]["sideproxy.dev/fingerprint"] for b in core.bodies] == [
-        fingerprint(V1), fingerprint(V2),
-    ]  # fmt: skip
-    assert "sideproxy.dev/until" not in core.bodies[0]["metadata"]["annotations"]
+def take(pool: ManagedCreditPool, name: str, model: str | None = None) -> Key:
+    """Acquire until ``name`` comes up (others are released OK)."""
+    while (key := pool.acquire("custom", NOW, model=model)) is not None and key.name != name:
+        pool.release(key, Outcome.OK, NOW, model=model)
+    assert key is not None
+    return key
 
 
-async def test_unreachable_api_is_retried_and_a_refusal_dropped(running: Any) -> None:
-    rep, core, _ = running
-    core.failures = [aiohttp.ClientConnectionError("refused"), TimeoutError()]
-    rep.report([limited(NOW + 30)] * 3)
-    await drain(rep, core, 1)
-    assert core.calls == 3
-    assert core.bodies[0]["metadata"]["annotations"]["sideproxy.dev/count"] == "3"
-    core.failures = [ApiException(status=403, reason="Forbidden")]
-    rep.report([limited(NOW + 30, name="key-2")])
-    await drain(rep, core, 2)
-    assert rep.dropped == 1
-    assert len(core.bodies) == 1
+def test_a_per_model_429_is_reported_for_that_model_and_cools_only_it_elsewhere() -> None:
+    ledger, here, there = Ledger(), pool_of(V1, V2), pool_of(V1, V2)
+    key = take(here, "key-1", "big")
+    changes = here.release(key, Outcome.RATE_LIMITED, NOW, {"retry-after": "30"}, model="big")
+    assert ledger.record(changes)
+    (entry,) = ledger.spec("p", "a", NOW, here.statuses(NOW)).keys
+    assert entry.cooling == [Cooling(model="big", until=NOW + 30)]
+    assert entry.counts.rate_limited == 1
+    # The other replica: key-1 rests for "big" only; "small" still goes to it.
+    assert apply_entries(there, [entry], {"key-1": FP1, "key-2": FP2}, NOW) == 1
+    picks_big = {there.acquire("custom", NOW, model="big").name for _ in range(4)}  # type: ignore[union-attr]
+    picks_small = {there.acquire("custom", NOW, model="small").name for _ in range(4)}  # type: ignore[union-attr]
+    assert picks_big == {"key-2"}
+    assert picks_small == {"key-1", "key-2"}
 
 
-# --------------------------------------------------------------------------- the compile step
+def test_revocation_exhaustion_breaker_and_recovery_travel_and_deadlines_expire() -> None:
+    ledger, pool = Ledger(), pool_of(V1, V2)
+    assert ledger.record(here := pool.release(take(pool, "key-2"), Outcome.UNAUTHORIZED, NOW))
+    assert here[0].health is KeyHealth.REVOKED
+    exhausted = pool.release(take(pool, "key-1"), Outcome.EXHAUSTED, NOW)
+    assert ledger.record(exhausted)
+    spec = ledger.spec("p", "a", NOW, pool.statuses(NOW))
+    entries = {e.name: e for e in spec.keys}
+    assert entries["key-2"].revoked
+    assert entries["key-2"].counts.unauthorized == 1
+    assert entries["key-1"].exhausted_until == exhausted[0].until
+    assert entries["key-1"].counts.exhausted == 1
+    # Applied elsewhere: the same key-wide states.
+    there = pool_of(V1, V2)
+    assert apply_entries(there, spec.keys, {"key-1": FP1, "key-2": FP2}, NOW) == 2
+    assert health(there, "key-2", NOW)[0] == "revoked"
+    assert health(there, "key-1", NOW)[0] == "exhausted"
+    # A breaker deadline travels as a key-wide rest and says nothing once it is over.
+    assert ledger.record([Transition("key-1", FP1, KeyHealth.OPEN, NOW + 10, "CircuitOpen")])
+    assert next(e for e in ledger.spec("p", "a", NOW, pool.statuses(NOW)).keys
+                if e.name == "key-1").breaker_open_until == NOW + 10  # fmt: skip
+    later = NOW + 11
+    assert next(e for e in ledger.spec("p", "a", later, pool.statuses(later)).keys
+                if e.name == "key-1").breaker_open_until is None  # fmt: skip
+    # A successful probe of the revoked key: the report stops saying so.
+    assert ledger.record([Transition("key-2", FP2, KeyHealth.READY, None, "Recovered")])
+    spec = ledger.spec("p", "a", later, pool.statuses(later))
+    assert not next(e for e in spec.keys if e.name == "key-2").revoked
+
+
+def test_counters_are_cumulative_and_survive_a_rotation() -> None:
+    ledger = Ledger()
+    pool = pool_of(V1, V2)
+    for _ in range(3):
+        key = pool.acquire("custom", NOW)
+        assert key is not None
+        pool.release(key, Outcome.OK, NOW)
+    key = pool.acquire("custom", NOW)
+    assert key is not None
+    ledger.record(pool.release(key, Outcome.RATE_LIMITED, NOW, {"retry-after": "5"}))
+    before = {e.name: e.counts for e in ledger.spec("p", "a", NOW, pool.statuses(NOW)).keys}
+    assert sum(c.requests for c in before.values()) == 4
+    assert sum(c.rate_limited for c in before.values()) == 1
+    # key-1 gets a new value: the pool's own counters for it start again; the report's do not.
+    pool.configure([KeyConfig("key-1", "custom", V3), KeyConfig("key-2", "custom", V2)])
+    after = {e.name: e.counts for e in ledger.spec("p", "a", NOW, pool.statuses(NOW)).keys}
+    assert after == before
+
+
+# --------------------------------------------------------------------------- what a replica takes
+
+
+def entry(name: str = "key-1", fp: str = FP1, **fields: object) -> KeyReport:
+    return KeyReport.model_validate({"name": name, "fingerprint": fp, **fields})
+
+
+def report(*entries: KeyReport, replica: str = "b") -> ReplicaReportSpec:
+    return ReplicaReportSpec(pool="p", replica=replica, heartbeat=NOW, keys=list(entries))
+
+
+def test_another_replicas_cool_down_is_applied_and_only_ever_lengthens() -> None:
+    pool = pool_of(V1, V2)
+    fps = {"key-1": FP1, "key-2": FP2}
+    cooling = [{"model": "", "until": NOW + 30}]
+    assert apply_entries(pool, [entry(cooling=cooling)], fps, NOW) == 1
+    assert health(pool, "key-1", NOW) == ("cooling", NOW + 30)
+    shorter = [{"model": "", "until": NOW + 10}]
+    assert apply_entries(pool, [entry(cooling=shorter)], fps, NOW) == 0
+    assert health(pool, "key-1", NOW) == ("cooling", NOW + 30)
+    assert apply_entries(pool, [entry("key-2", FP2, revoked=True)], fps, NOW) == 1
+    assert health(pool, "key-2", NOW) == ("revoked", None)
+
+
+def test_an_entry_about_another_value_or_an_unknown_key_changes_nothing() -> None:
+    pool = pool_of(V1, V2)
+    fps = {"key-1": FP1, "key-2": FP2}
+    stale = entry(fp=fingerprint("sk-rotated-away"), revoked=True)
+    gone = entry("key-9", fingerprint("sk-nine"), revoked=True)
+    assert apply_entries(pool, [stale, gone], fps, NOW) == 0
+    assert health(pool, "key-1", NOW) == ("ready", None)
+
+
+def test_peers_hand_back_only_entries_whose_health_changed() -> None:
+    peers = Peers()
+    cooling = [{"model": "", "until": NOW + 30}]
+    first = peers.update("p-b", report(entry(cooling=cooling), entry("key-2", FP2)))
+    assert [e.name for e in first] == ["key-1", "key-2"]
+    # A heartbeat that only moved the counters: nothing to apply.
+    again = report(entry(cooling=cooling, counts={"requests": 9}), entry("key-2", FP2))
+    assert peers.update("p-b", again) == []
+    later = [{"model": "", "until": NOW + 60}]
+    changed = peers.update("p-b", report(entry(cooling=later), entry("key-2", FP2)))
+    assert [(e.name, e.cooling[0].until) for e in changed] == [("key-1", NOW + 60)]
+    assert changed[0].counts == KeyCounts()
+    peers.remove("p-b")
+    assert peers.entries() == []
+
+
+# --------------------------------------------------------------------------- config is not health
 
 
 def table(version: int, *keys: TableKey) -> RoutingTable:
@@ -166,54 +198,45 @@ def table(version: int, *keys: TableKey) -> RoutingTable:
     ).sealed(version)
 
 
-def entry(name: str, value: str, weight: int = 1, until: float | None = None) -> TableKey:
-    return TableKey(
-        name=name,
-        provider=Provider.CUSTOM,
-        tier=0,
-        weight=weight,
-        fingerprint=fingerprint(value),
-        state=KeyState.COOLING if until else KeyState.READY,
-        cooldown_until=until,
+def key(name: str, value: str, weight: int = 1, **health: object) -> TableKey:
+    return TableKey.model_validate(
+        {
+            "name": name,
+            "provider": Provider.CUSTOM,
+            "tier": 0,
+            "weight": weight,
+            "fingerprint": fingerprint(value),
+            **health,
+        }
     )
 
 
-def test_a_table_never_shortens_or_resets_a_local_cool_down() -> None:
+def test_a_table_never_changes_health_in_either_direction() -> None:
     clock = Clock()
     app = create_app(ProxySettings(), clock=clock)
     runtime, pool = app[RUNTIME], app[POOL]
     material = {"key-1": V1, "key-2": V2}
-    assert runtime.apply(Snapshot(table(1, entry("key-1", V1), entry("key-2", V2)), material))
-
-    def health() -> tuple[str, float | None]:
-        (status,) = [s for s in pool.statuses(clock.now) if s.name == "key-1"]
-        return status.health.value, status.until
+    assert runtime.apply(Snapshot(table(1, key("key-1", V1), key("key-2", V2)), material))
 
     # This replica sees a 429 on key-1: cooling for 30 s by its own knowledge.
-    while (key := pool.acquire("custom", clock.now)) is not None and key.name != "key-1":
-        pool.release(key, Outcome.OK, clock.now)
-    assert key is not None
-    pool.release(key, Outcome.RATE_LIMITED, clock.now, {"retry-after": "30"})
-    assert health() == ("cooling", NOW + 30)
+    while (k := pool.acquire("custom", clock.now)) is not None and k.name != "key-1":
+        pool.release(k, Outcome.OK, clock.now)
+    assert k is not None
+    pool.release(k, Outcome.RATE_LIMITED, clock.now, {"retry-after": "30"})
+    assert health(pool, "key-1", clock.now) == ("cooling", NOW + 30)
 
-    # A new table (another key changed) still says key-1 is ready: it stays cooling.
-    assert runtime.apply(
-        Snapshot(table(2, entry("key-1", V1), entry("key-2", V2, weight=5)), material)
+    # A config change (another key's weight) keeps it cooling...
+    assert runtime.apply(Snapshot(table(2, key("key-1", V1), key("key-2", V2, 5)), material))
+    assert health(pool, "key-1", clock.now) == ("cooling", NOW + 30)
+    # ...and a table from an older operator that still carries health is not health: it
+    # neither lengthens nor revokes anything.
+    old = table(
+        3,
+        key("key-1", V1, state=KeyState.COOLING, cooldown_until=NOW + 90),
+        key("key-2", V2, state=KeyState.REVOKED),
     )
-    assert health() == ("cooling", NOW + 30)
-    # The cluster knows a longer cool-down: it lengthens ours...
-    assert runtime.apply(
-        Snapshot(table(3, entry("key-1", V1, until=NOW + 60), entry("key-2", V2)), material)
-    )
-    assert health() == ("cooling", NOW + 60)
-    # ...and a shorter one, or none, never shortens it.
-    assert runtime.apply(
-        Snapshot(table(4, entry("key-1", V1, until=NOW + 10), entry("key-2", V2)), material)
-    )
-    assert health() == ("cooling", NOW + 60)
-    assert runtime.apply(Snapshot(table(5, entry("key-1", V1), entry("key-2", V2)), material))
-    assert health() == ("cooling", NOW + 60)
-    clock.now = NOW + 61
-    assert health() == ("ready", None)
-    assert runtime.compiled is not None
-    assert runtime.compiled.version == 5
+    assert runtime.apply(Snapshot(old, material))
+    assert health(pool, "key-1", clock.now) == ("cooling", NOW + 30)
+    assert health(pool, "key-2", clock.now) == ("ready", None)
+    clock.now = NOW + 31
+    assert health(pool, "key-1", clock.now) == ("ready", None)

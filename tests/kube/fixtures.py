@@ -3,9 +3,13 @@
 - ``kube`` (session): a running :class:`KubeCluster`, shared by every test in the session.
 - ``namespace`` (function): a fresh ``t-xxxxxxxx`` namespace, deleted (without waiting) after.
 - ``kubectl`` / ``helm`` (function): ``kube.kubectl`` / ``kube.helm``.
+- ``app_image`` (session): the Side Proxy image of this tree, built by ``scripts/build-image.sh``
+  (podman + the Dockerfile; cached in ~/.cache/sideproxy-image). Tests using it are marked
+  ``pods``; so are the pod tests of tests/pods (their cluster fixture lives there).
 
 The binaries are built (or found in the cache) once, right after collection and only when a
-selected test uses ``kube``, so a cold ~11 minute build never counts against a test's timeout.
+selected test uses ``kube`` (the image likewise, when one uses ``app_image``), so a cold build
+never counts against a test's timeout.
 A failed build or start-up fails the tests loudly, with log tails; nothing is ever skipped.
 """
 
@@ -25,12 +29,17 @@ from tests.kube.harness import (
     build_binaries,
     cached_bin_dir,
 )
+from tests.kube.images import Image, build_app_image
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
 _BIN_DIR = pytest.StashKey[Path]()
 _BUILD_ERROR = pytest.StashKey[str]()
 _CLUSTER = pytest.StashKey[KubeCluster]()
+_IMAGE = pytest.StashKey[Image]()
+_IMAGE_ERROR = pytest.StashKey[str]()
+# Fixtures that build the image or run pods: their tests get the `pods` marker.
+POD_FIXTURES = ("app_image", "pod_cluster")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,6 +47,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "kube: runs against the real etcd + kube-apiserver + kube-controller-manager of tests/kube",
     )
+    config.addinivalue_line(
+        "markers",
+        "pods: builds the image (podman) or runs real pods on a one-node cluster in a network "
+        "namespace (needs root; tests/kube/node.py)",
+    )
+
+
+def _uses(item: pytest.Item, names: tuple[str, ...]) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in names)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselection looks at the markers
@@ -46,12 +64,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kube" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kube)
+        if _uses(item, POD_FIXTURES):
+            item.add_marker(pytest.mark.pods)
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
-    wanted = any("kube" in getattr(item, "fixturenames", ()) for item in session.items)
-    if config.option.collectonly or not wanted:
+    if config.option.collectonly:
+        return
+    if any(_uses(item, POD_FIXTURES) for item in session.items):
+        _say(config, "tests/kube: building the image with scripts/build-image.sh (cached by input "
+                     "hash; cold: ~3 min on 2 cores)")  # fmt: skip
+        try:
+            config.stash[_IMAGE] = build_app_image()
+        except HarnessError as exc:
+            config.stash[_IMAGE_ERROR] = str(exc)
+    wanted = any(_uses(item, ("kube", *POD_FIXTURES)) for item in session.items)
+    if not wanted:
         return
     capture = config.pluginmanager.getplugin("capturemanager")
     reporter = config.pluginmanager.getplugin("terminalreporter")
@@ -96,6 +133,22 @@ def kube(request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
     finally:
         del config.stash[_CLUSTER]
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def app_image(request: pytest.FixtureRequest) -> Image:
+    """The image of this tree, built (or found cached) right after collection."""
+    config = request.config
+    error = config.stash.get(_IMAGE_ERROR, None)
+    image = config.stash.get(_IMAGE, None)
+    if error is None and image is None:  # requested dynamically, after our collection hook
+        try:
+            image = config.stash[_IMAGE] = build_app_image()
+        except HarnessError as exc:
+            error = str(exc)
+    if error is not None or image is None:
+        pytest.fail(error or "no image", pytrace=False)
+    return image
 
 
 @pytest.fixture

@@ -285,6 +285,13 @@ class _Process:
         return "address already in use" in self.tail(200)
 
 
+def _read_url(url: str, context: ssl.SSLContext | None = None) -> bytes:
+    """GET ``url`` (2 s timeout); HTTP errors raise ``HTTPError`` like urlopen."""
+    with urllib.request.urlopen(url, timeout=2, context=context) as r:
+        body: bytes = r.read()
+        return body
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -648,11 +655,19 @@ class KubeCluster:
             raise HarnessError("cluster not started")
         return self._pki
 
+    def _command(self, argv: list[str]) -> list[str]:
+        """How every daemon and client command runs; a subclass may wrap it (e.g. nsenter)."""
+        return argv
+
+    def _in_net(self, call: Callable[[], T]) -> T:
+        """Run ``call`` (a health check) where the daemons' network is; a subclass may move it."""
+        return call()
+
     def _run(
         self, argv: list[str], *, input: str | None, check: bool, timeout: float
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            argv,
+            self._command(argv),
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
@@ -706,15 +721,14 @@ class KubeCluster:
                 "--unsafe-no-fsync",  # a test cluster's data need not survive a power cut
                 "--log-level=warn",
             ]
-            return _Process("etcd", argv, self.workdir / "etcd.log", self._env)
+            return _Process("etcd", self._command(argv), self.workdir / "etcd.log", self._env)
 
         def ready(proc: _Process) -> None:
             def healthy() -> bool:
                 if not proc.alive():
                     raise HarnessError(f"etcd exited at start-up; its log:\n{proc.tail()}")
                 try:
-                    with urllib.request.urlopen(f"{self._etcd_url}/health", timeout=2) as r:
-                        body: bytes = r.read()
+                    body = self._in_net(lambda: _read_url(f"{self._etcd_url}/health"))
                 except OSError:
                     return False
                 return b'"true"' in body
@@ -735,33 +749,42 @@ class KubeCluster:
                     "client-key-data": _b64(pki.admin_key)}  # fmt: skip
             config = _kubeconfig(self.server, pki.ca_crt, user, "admin")
             _write_private(self.kubeconfig, yaml.safe_dump(config))
-            argv = [
-                self._bin("kube-apiserver"),
-                f"--etcd-servers={self._etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self.apiserver_port}",
-                f"--tls-cert-file={pki.serving_crt}",
-                f"--tls-private-key-file={pki.serving_key}",
-                f"--client-ca-file={pki.ca_crt}",
-                "--authorization-mode=RBAC",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki.sa_key}",
-                f"--service-account-signing-key-file={pki.sa_key}",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                # Its job (mounting the default SA token) needs the SA controllers we don't run.
-                "--disable-admission-plugins=ServiceAccount",
-                # Its Endpoints would be 127.0.0.1, which validation rejects every 10 s in the log.
-                "--endpoint-reconciler-type=none",
-                # Without a bound, SIGTERM waits forever for the controller-manager's watches.
-                "--shutdown-watch-termination-grace-period=1s",
-                "--profiling=false",
-            ]
-            return _Process("kube-apiserver", argv, self.workdir / "kube-apiserver.log", self._env)
+            argv = self._apiserver_argv(pki)
+            return _Process(
+                "kube-apiserver",
+                self._command(argv),
+                self.workdir / "kube-apiserver.log",
+                self._env,
+            )
 
         self._apiserver = self._start_with_free_ports(
             make, lambda proc: self._wait_ready(proc, START_TIMEOUT)
         )
+
+    def _apiserver_argv(self, pki: _Pki) -> list[str]:
+        """kube-apiserver's command line; a subclass may edit it (e.g. a node that runs pods)."""
+        return [
+            self._bin("kube-apiserver"),
+            f"--etcd-servers={self._etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.apiserver_port}",
+            f"--tls-cert-file={pki.serving_crt}",
+            f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_crt}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki.sa_key}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            # Its job (mounting the default SA token) needs the SA controllers we don't run.
+            "--disable-admission-plugins=ServiceAccount",
+            # Its Endpoints would be 127.0.0.1, which validation rejects every 10 s in the log.
+            "--endpoint-reconciler-type=none",
+            # Without a bound, SIGTERM waits forever for the controller-manager's watches.
+            "--shutdown-watch-termination-grace-period=1s",
+            "--profiling=false",
+        ]
 
     def _wait_ready(self, proc: _Process, timeout: float) -> None:
         pki = self._pki_or_fail()
@@ -773,9 +796,8 @@ class KubeCluster:
             if not proc.alive():
                 raise HarnessError(f"{proc.name} exited at start-up; its log:\n{proc.tail()}")
             try:
-                with urllib.request.urlopen(f"{self.server}/readyz", timeout=2, context=ctx) as r:
-                    status: int = r.status
-                    return status == 200
+                self._in_net(lambda: _read_url(f"{self.server}/readyz", ctx))
+                return True
             except urllib.error.HTTPError as exc:  # 500 lists the checks still failing
                 last[:] = [exc.read().decode(errors="replace")]
                 return False
@@ -791,8 +813,9 @@ class KubeCluster:
                 f"{exc}\nlast answer: {detail}\n{proc.name} log:\n{proc.tail()}"
             ) from None
 
-    def _start_controller_manager(self) -> None:
-        argv = [
+    def _controller_manager_argv(self) -> list[str]:
+        """kube-controller-manager's command line; a subclass may edit it."""
+        return [
             self._bin("kube-controller-manager"),
             f"--kubeconfig={self.kubeconfig}",
             f"--controllers={','.join(CONTROLLERS)}",
@@ -801,6 +824,9 @@ class KubeCluster:
             "--secure-port=0",  # no metrics/healthz server: nothing to collide with
             "--profiling=false",
         ]
+
+    def _start_controller_manager(self) -> None:
+        argv = self._command(self._controller_manager_argv())
         proc = _Process(
             "kube-controller-manager", argv, self.workdir / "kube-controller-manager.log", self._env
         )

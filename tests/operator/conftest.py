@@ -37,6 +37,7 @@ def crds(kube: KubeCluster) -> None:
         "--for=condition=Established",
         "crd/creditpools.sideproxy.dev",
         "crd/poolkeys.sideproxy.dev",
+        "crd/replicareports.sideproxy.dev",
         "--timeout=60s",
     )
 
@@ -236,6 +237,13 @@ class Cluster:
         if cm is None or not cm.data or TABLE_DATA_KEY not in cm.data:
             return None
         return RoutingTable.from_json(cm.data[TABLE_DATA_KEY])
+
+    def table_or_none(self, pool: str) -> RoutingTable | None:
+        """The table, or None while the ConfigMap is missing or holds no valid table."""
+        try:
+            return self.table(pool)
+        except ValueError:
+            return None
 
     def material(self, pool: str) -> dict[str, str] | None:
         sec = self.secret(f"{pool}-keys")

@@ -11,7 +11,7 @@ import copy
 import itertools
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sideproxy.models import API_GROUP, API_VERSION
@@ -20,10 +20,12 @@ from sideproxy.operator._reconcile import Indices
 from sideproxy.operator._records import (
     KeyRecord,
     PoolRecord,
-    SecretMeta,
+    ReportRecord,
     key_secret_use,
     pool_secret_use,
+    report_pool,
 )
+from sideproxy.wire import ReplicaReportSpec, report_body
 
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
@@ -51,6 +53,8 @@ class FakeKube(KubeApi):
         self.calls: list[tuple[str, str]] = []
         self._rv = itertools.count(100)
         self.fail_next: dict[str, Exception] = {}
+        # What the operator's Secret metadata watch would tell: (namespace, name, rv or None).
+        self.secret_listeners: list[Callable[[str, str, str | None], object]] = []
 
     async def close(self) -> None:
         return None
@@ -63,6 +67,9 @@ class FakeKube(KubeApi):
         meta.setdefault("generation", 1)
         meta["resourceVersion"] = str(next(self._rv))
         self.objects[(plural, meta["namespace"], meta["name"])] = obj
+        if plural == "secrets":
+            for listener in self.secret_listeners:
+                listener(meta["namespace"], meta["name"], meta["resourceVersion"])
         return copy.deepcopy(obj)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -113,12 +120,24 @@ class FakeKube(KubeApi):
             new["metadata"]["resourceVersion"] = str(next(self._rv))
             self.objects[(plural, ns, name)] = new
             return copy.deepcopy(new)
+        if method == "DELETE":
+            current = self.objects.get((plural, ns, name))
+            if current is None:
+                raise NotFound(path)
+            uid = (body.get("preconditions") or {}).get("uid")
+            if uid and current["metadata"].get("uid") != uid:
+                raise Conflict(path)
+            del self.objects[(plural, ns, name)]
+            return {}
         if method == "PATCH":
             assert sub == "status"
             assert content_type == "application/merge-patch+json"
             current = self.objects.get((plural, ns, name))
             if current is None:
                 raise NotFound(path)
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted and wanted != current["metadata"]["resourceVersion"]:
+                raise Conflict(path)
             current["status"] = merge_patch(current.get("status") or {}, body["status"])
             current["metadata"]["resourceVersion"] = str(next(self._rv))
             return copy.deepcopy(current)
@@ -131,7 +150,7 @@ class FakeKube(KubeApi):
         key_refs: dict[Any, list[Any]] = defaultdict(list)
         pools: dict[Any, list[Any]] = defaultdict(list)
         pool_refs: dict[Any, list[Any]] = defaultdict(list)
-        secrets: dict[Any, list[Any]] = defaultdict(list)
+        reports: dict[Any, list[Any]] = defaultdict(list)
         for (plural, ns, name), body in self.objects.items():
             if plural == "poolkeys":
                 record = KeyRecord.of(body)
@@ -139,19 +158,19 @@ class FakeKube(KubeApi):
                 use = key_secret_use(body)
                 if use:
                     key_refs[(ns, use[0])].append(use[1])
+            elif plural == "replicareports":
+                reports[(ns, report_pool(body))].append(ReportRecord.of(body))
             elif plural == "creditpools":
                 pools[(ns, name)].append(PoolRecord.of(body))
                 use = pool_secret_use(body)
                 if use:
                     pool_refs[(ns, use[0])].append(use[1])
-            elif plural == "secrets":
-                secrets[(ns, name)].append(SecretMeta.of(body))
         return Indices(
             keys_by_pool=dict(keys),
             pools_by_name=dict(pools),
             key_refs_by_secret=dict(key_refs),
             pool_refs_by_secret=dict(pool_refs),
-            secret_meta=dict(secrets),
+            reports_by_pool=dict(reports),
         )
 
 
@@ -197,3 +216,17 @@ def key(
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"pool": pool_name, "secretRef": {"name": secret_name, "key": secret_key}, **spec},
     }
+
+
+def report(
+    namespace: str,
+    pool_name: str,
+    replica: str,
+    keys: list[dict[str, Any]],
+    heartbeat: float,
+) -> dict[str, Any]:
+    """A ReplicaReport as a proxy replica writes it (``sideproxy.wire.report_body``)."""
+    spec = ReplicaReportSpec.model_validate(
+        {"pool": pool_name, "replica": replica, "heartbeat": heartbeat, "keys": keys}
+    )
+    return report_body(namespace, spec)

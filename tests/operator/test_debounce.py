@@ -1,4 +1,7 @@
-"""Per-pool workers: batching, deadlines, retries, gating; real time, but only milliseconds."""
+"""Per-pool workers: batching, deadlines, retries, gating; real time, but only milliseconds.
+
+No assertion here depends on the machine being fast: time bounds are lower bounds (a slow run
+only makes them easier), and "it happened" is awaited, never slept for."""
 
 from __future__ import annotations
 
@@ -43,14 +46,18 @@ async def test_a_burst_is_one_reconcile() -> None:
 
 
 async def test_constant_churn_is_written_every_max_delay() -> None:
+    """Pokes every 10 ms never leave the 50 ms quiet period: only max_delay gets a run out,
+    and the runs stay far fewer than the pokes."""
     work = Work()
     workers: Debouncer[str] = Debouncer(work, quiet=0.05, max_delay=0.2)
-    start = time.monotonic()
-    while time.monotonic() - start < 1.0:
-        workers.poke("p")
-        await asyncio.sleep(0.01)
+    pokes = 0
+    async with asyncio.timeout(10):
+        while len(work.calls) < 2:  # runs while the churn goes on
+            workers.poke("p")
+            pokes += 1
+            await asyncio.sleep(0.01)
     await workers.close()
-    assert 3 <= len(work.calls) <= 7  # not 100
+    assert len(work.calls) * 5 <= pokes  # at least 0.2 s of pokes per run
 
 
 async def test_pools_are_independent() -> None:
@@ -69,8 +76,8 @@ async def test_wakes_at_the_deadline_without_a_trigger() -> None:
     workers.poke("p")
     await wait_calls(work, 1)
     work.outcome = Outcome()
-    await wait_calls(work, 2, limit=2.0)
-    assert 0.15 <= work.calls[1][1] - work.calls[0][1] <= 1.0
+    await wait_calls(work, 2, limit=10.0)
+    assert work.calls[1][1] - work.calls[0][1] >= 0.15
     await workers.close()
 
 
@@ -78,9 +85,10 @@ async def test_failures_retry_with_backoff() -> None:
     work = Work(fail=2)
     workers: Debouncer[str] = Debouncer(work, quiet=0.01, retry_base=0.05)
     workers.poke("p")
-    await wait_calls(work, 3, limit=3.0)
+    await wait_calls(work, 3, limit=10.0)
     gaps = [b[1] - a[1] for a, b in zip(work.calls, work.calls[1:], strict=False)]
-    assert gaps[1] > gaps[0] * 1.5
+    assert gaps[0] >= 0.05  # retry_base
+    assert gaps[1] >= 0.1  # doubled
     await workers.close()
 
 
@@ -89,8 +97,9 @@ async def test_worker_exits_when_nothing_is_left() -> None:
     workers: Debouncer[str] = Debouncer(work, quiet=0.01)
     workers.poke("gone")
     await wait_calls(work, 1)
-    await asyncio.sleep(0.05)
-    assert "gone" not in workers
+    async with asyncio.timeout(5):
+        while "gone" in workers:  # noqa: ASYNC110 (a worker's exit has no event to await)
+            await asyncio.sleep(0.01)
     workers.poke("gone")  # a new trigger makes a new worker
     await wait_calls(work, 2)
     await workers.close()
@@ -108,3 +117,40 @@ async def test_gate_holds_every_write_until_leadership() -> None:
     await workers.close()
     workers.poke("p")  # after close(): ignored
     assert "p" not in workers
+
+
+async def test_close_lets_a_running_reconcile_finish() -> None:
+    """SIGTERM's path: close(grace) waits for work in progress instead of cutting it."""
+    release = asyncio.Event()
+    finished: list[str] = []
+    started = asyncio.Event()
+
+    async def work(key: str) -> Outcome:
+        started.set()
+        await release.wait()
+        finished.append(key)
+        return Outcome()
+
+    workers: Debouncer[str] = Debouncer(work, quiet=0.01)
+    workers.poke("p")
+    await started.wait()
+    closing = asyncio.create_task(workers.close(grace=30))
+    await asyncio.sleep(0)
+    release.set()
+    await closing
+    assert finished == ["p"]
+
+
+async def test_close_cuts_work_that_outlives_the_grace() -> None:
+    started = asyncio.Event()
+
+    async def work(key: str) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        return Outcome()
+
+    workers: Debouncer[str] = Debouncer(work, quiet=0.01)
+    workers.poke("p")
+    await started.wait()
+    await workers.close(grace=0.01)
+    assert workers.keys() == []

@@ -18,7 +18,7 @@ from sideproxy.models import (
 from sideproxy.operator._kube import Conflict
 from sideproxy.operator._reconcile import Options, Reconciler
 from sideproxy.operator._status import rfc3339
-from tests.operator.fakes import FakeKube, LiveIndices, key, pool, secret
+from tests.operator.fakes import FakeKube, LiveIndices, key, pool, report, secret
 
 NS = "team"
 NOW = 1_750_000_000.0
@@ -51,12 +51,14 @@ def clock() -> Clock:
 
 
 def reconciler(fake: FakeKube, clock: Clock, **options: Any) -> Reconciler:
-    return Reconciler(
+    rec = Reconciler(
         fake,
         LiveIndices(fake),
         options=Options(**options),
         clock=clock,  # type: ignore[arg-type]
     )
+    fake.secret_listeners.append(rec.secrets.changed)  # as the Secret metadata watch would
+    return rec
 
 
 def table(fake: FakeKube, name: str = "p") -> RoutingTable:
@@ -203,41 +205,61 @@ async def test_deleted_key_leaves_the_table_at_once(fake: FakeKube, clock: Clock
     assert status(fake, "creditpools", "p")["keysSummary"] == "2/2"
 
 
-async def test_cool_down_from_status_expires_by_itself(fake: FakeKube, clock: Clock) -> None:
+def entry(name: str, value: str, **fields: Any) -> dict[str, Any]:
+    """One key entry of a ReplicaReport about ``value``."""
+    return {"name": name, "fingerprint": fingerprint(value), **fields}
+
+
+async def test_a_reported_cool_down_is_status_not_table_and_expires(
+    fake: FakeKube, clock: Clock
+) -> None:
     rec = reconciler(fake, clock)
     await rec.reconcile((NS, "p"))
     until = NOW + 30
-    fake.objects[("poolkeys", NS, "k-a")]["status"]["cooldownUntil"] = rfc3339(until)
+    cooling = [{"model": "", "until": until}, {"model": "big", "until": NOW + 10}]
+    fake.put("replicareports", report(NS, "p", "r1", [entry("k-a", CANARIES[0], cooling=cooling,
+             counts={"rateLimited": 2})], heartbeat=NOW))  # fmt: skip
     outcome = await rec.reconcile((NS, "p"))
 
-    assert outcome.deadline == until
+    assert outcome.deadline == NOW + 10  # the earliest deadline: "big" ends first
+    assert table(fake).version == 1  # health never rewrites the table
     a = next(k for k in table(fake).keys if k.name == "k-a")
-    assert (a.state, a.cooldown_until) == (KeyState.COOLING, until)
+    assert (a.state, a.cooldown_until) == (KeyState.READY, None)
     st = status(fake, "poolkeys", "k-a")
-    assert (st["phase"], st["cooldownUntil"]) == ("CoolingDown", rfc3339(until))
+    assert (st["phase"], st["cooldownUntil"], st["cooling"]) == (
+        "CoolingDown",
+        rfc3339(until).replace("Z", ".000Z"),
+        "all models",
+    )
+    assert st["coolingModels"] == [
+        {"model": "big", "until": rfc3339(NOW + 10).replace("Z", ".000Z")}
+    ]
+    assert st["rateLimitedCount"] == 2
     assert status(fake, "creditpools", "p")["keysCooling"] == 1
 
     clock.now = until + 1
     outcome = await rec.reconcile((NS, "p"))
-    assert outcome.deadline is None
-    a = next(k for k in table(fake).keys if k.name == "k-a")
-    assert (a.state, a.cooldown_until) == (KeyState.READY, None)
     st = status(fake, "poolkeys", "k-a")
     assert st["phase"] == "Ready"
     assert "cooldownUntil" not in st
-    assert table(fake).version == 3
+    assert "coolingModels" not in st
+    assert st["rateLimitedCount"] == 2  # counted once, though applied twice
+    assert table(fake).version == 1
 
 
-async def test_revoked_key_stays_out_until_its_value_changes(fake: FakeKube, clock: Clock) -> None:
+async def test_a_revoked_report_about_an_old_value_changes_nothing(
+    fake: FakeKube, clock: Clock
+) -> None:
     rec = reconciler(fake, clock)
     await rec.reconcile((NS, "p"))
-    fake.objects[("poolkeys", NS, "k-b")]["status"]["phase"] = "Revoked"
+    fake.put("replicareports", report(NS, "p", "r1", [entry("k-b", CANARIES[1], revoked=True)],
+                                      heartbeat=NOW))  # fmt: skip
     await rec.reconcile((NS, "p"))
-    assert next(k for k in table(fake).keys if k.name == "k-b").state is KeyState.REVOKED
+    assert status(fake, "poolkeys", "k-b")["phase"] == "Revoked"
     assert fake.events[-1]["reason"] == "Unauthorized"
+    assert next(k for k in table(fake).keys if k.name == "k-b").state is KeyState.READY
     fake.put("secrets", secret(NS, "groq", {"a": CANARIES[0], "b": "gsk_CANARY_new"}))
     await rec.reconcile((NS, "p"))
-    assert next(k for k in table(fake).keys if k.name == "k-b").state is KeyState.READY
     assert status(fake, "poolkeys", "k-b")["phase"] == "Ready"
 
 
@@ -293,16 +315,28 @@ async def test_client_auth_virtual_keys(fake: FakeKube, clock: Clock) -> None:
 
 
 async def test_deleted_pool_leaves_its_keys_invalid(fake: FakeKube, clock: Clock) -> None:
-    rec = reconciler(fake, clock)
+    rec = reconciler(fake, clock, orphan_rate=2)
     await rec.reconcile((NS, "p"))
+    events = len(fake.events)
     del fake.objects[("creditpools", NS, "p")]
     outcome = await rec.reconcile((NS, "p"))
-    assert outcome.alive
-    st = status(fake, "poolkeys", "k-a")
-    assert (st["phase"], st["message"]) == (
-        "Invalid",
-        "CreditPool 'p' not found in namespace 'team'",
-    )
+    assert outcome.deadline == NOW + 5  # a grace period first: nothing written yet
+    assert status(fake, "poolkeys", "k-a")["phase"] == "Ready"
+    clock.now = NOW + 5
+    outcome = await rec.reconcile((NS, "p"))
+    assert outcome.deadline == clock.now + 1  # two keys per second: one more to go
+    clock.now += 1
+    await rec.reconcile((NS, "p"))
+    for name in ("k-a", "k-b", "k-c"):
+        st = status(fake, "poolkeys", name)
+        assert (st["phase"], st["message"]) == (
+            "Invalid",
+            "CreditPool 'p' not found in namespace 'team'",
+        )
+    # One Event for the pool, none per key.
+    assert [(e["involvedObject"]["kind"], e["reason"]) for e in fake.events[events:]] == [
+        ("CreditPool", "PoolNotFound")
+    ]
     for name in ("k-a", "k-b", "k-c"):
         del fake.objects[("poolkeys", NS, name)]
     assert not (await rec.reconcile((NS, "p"))).alive
@@ -375,16 +409,23 @@ async def test_secret_event_keeps_only_referenced_values(fake: FakeKube, clock: 
     rec = reconciler(fake, clock)
     poked: list[Any] = []
     rec.workers.poke = poked.append  # type: ignore[method-assign]
-    body = secret(NS, "groq", {"a": CANARIES[0], "b": CANARIES[1], "unused": "gsk_CANARY_x"})
-    body["metadata"]["resourceVersion"] = "7"
-    rec.secret_event(body, deleted=False)
+    await rec.reconcile((NS, "p"))
+    fake.put("secrets", secret(NS, "groq", {**{k: CANARIES[i] for i, k in enumerate("ab")},
+                                            "unused": "gsk_CANARY_x"}))  # fmt: skip
+    meta = fake.objects[("secrets", NS, "groq")]["metadata"]
+    rec.secret_event(meta, deleted=False)  # the watch: metadata only
     assert poked == [(NS, "p")]
+    await rec.reconcile((NS, "p"))
     assert set(rec.secrets._entries[(NS, "groq")].values) == {"a", "b"}  # not "unused"
-    unrelated = secret(NS, "other", {"x": "gsk_CANARY_y"})
-    rec.secret_event(unrelated, deleted=False)
+    fetches = rec.secrets.fetches
+    fake.put("secrets", secret(NS, "other", {"x": "gsk_CANARY_y"}))
+    rec.secret_event(fake.objects[("secrets", NS, "other")]["metadata"], deleted=False)
     assert poked == [(NS, "p")]
-    assert len(rec.secrets) == 1
+    assert rec.secrets.fetches == fetches  # an unrelated Secret is never read
+    assert len(rec.secrets) == 2  # groq and openai, the referenced ones
     assert "CANARY" not in repr(rec.secrets)
+    rec.secret_event(meta, deleted=False)  # the same version again: no news
+    assert poked == [(NS, "p")]
 
 
 async def test_key_material_over_the_limit_is_a_condition(fake: FakeKube, clock: Clock) -> None:

@@ -17,8 +17,8 @@ import yaml
 
 from sideproxy.cli import build_parser
 from sideproxy.fake_provider import FakeProvider
-from sideproxy.proxy import cluster_source
-from sideproxy.proxy._cluster import KubeSource
+from sideproxy.proxy import HealthPeer
+from sideproxy.proxy.kube import KubeSource
 from tests.proxy.conftest import SECRETS, VIRTUAL_KEY, Proxy, keys, manifests
 
 ENV_VARS = (
@@ -96,9 +96,9 @@ def test_serve_without_keys_or_with_a_bad_file_exits_2(tmp_path: Path) -> None:
     assert "choose one" in result.stderr
 
 
-def test_cluster_mode_builds_the_kube_source() -> None:
-    source = cluster_source("pool", "ns", None)
-    assert isinstance(source, KubeSource)
+def test_the_kube_source_shares_health_and_drops_reports_before_it_runs() -> None:
+    source = KubeSource("pool", "ns", None)
+    assert isinstance(source, HealthPeer)
     source.report([])  # no API client yet: dropped, not an error
 
 

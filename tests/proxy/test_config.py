@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,7 @@ import pytest
 import yaml
 
 from sideproxy.fake_provider import FakeProvider
-from sideproxy.models import KeyState, Provider
-from sideproxy.pool import KeyHealth
+from sideproxy.models import Provider
 from sideproxy.proxy import (
     EnvSource,
     FileSource,
@@ -113,29 +111,6 @@ async def test_health_carries_over_a_reload(
     await eventually(lambda: len(proxy.pool.statuses(0)) == 3)
     assert proxy.cooling("key-1", CHAT["model"]) == until  # the same key, still resting
     source.close()
-
-
-async def test_table_cooldowns_and_revocations_are_applied(
-    fake: FakeProvider, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    snap = snapshot(manifests({"custom": fake.base_url}, keys(3)))
-    until = time.time() + 120
-    table_keys = [
-        k.model_copy(update={"state": KeyState.COOLING, "cooldown_until": until})
-        if k.name == "key-1"
-        else k.model_copy(update={"state": KeyState.REVOKED})
-        if k.name == "key-2"
-        else k
-        for k in snap.table.keys
-    ]
-    table = snap.table.model_copy(update={"keys": table_keys}).sealed(2)
-    proxy = await start_proxy(Snapshot(table, snap.material, "cluster"))
-    assert proxy.status("key-1").health is KeyHealth.COOLING
-    assert proxy.status("key-1").until == pytest.approx(until)
-    assert proxy.status("key-2").health is KeyHealth.REVOKED
-    for _ in range(5):
-        resp = await http.post(proxy.base_url + "/chat/completions", json=CHAT)
-        assert resp.headers["x-fake-key"] == K("k", SECRETS[2]).fp
 
 
 async def test_keys_without_matching_material_sit_out(

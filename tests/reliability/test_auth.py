@@ -111,11 +111,12 @@ async def test_required_auth_refuses_a_table_without_it(
 _CLUSTER = textwrap.dedent(
     """
     import sys
-    from sideproxy.proxy import FileSource, register_cluster_source
+    import sideproxy.proxy.kube
+    from sideproxy.proxy import FileSource
     from sideproxy.cli import main
 
     # A stand-in for the Kubernetes source: the same tables, from a file.
-    register_cluster_source(lambda pool, namespace, kubeconfig: FileSource(sys.argv[1]))
+    sideproxy.proxy.kube.KubeSource = lambda pool, namespace, kubeconfig: FileSource(sys.argv[1])
     raise SystemExit(main(sys.argv[2:]))
     """
 )

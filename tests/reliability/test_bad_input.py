@@ -403,12 +403,15 @@ async def test_fifty_slowloris_connections_at_once_are_all_closed(guarded: Proxy
             )
             for _ in range(_PATIENCE):
                 writer.write(b"x")
-                with contextlib.suppress(ConnectionError):
+                try:
                     await writer.drain()
-                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await reader.read(65536)  # an answer, or b"" when closed
                         return True
+                except TimeoutError:
+                    continue
+                except ConnectionError:  # closed hard (a reset): cut off too
+                    return True
             return False
         finally:
             writer.close()
@@ -420,7 +423,7 @@ async def test_fifty_slowloris_connections_at_once_are_all_closed(guarded: Proxy
         fds = open_fds()  # the steady client's connections (and the proxy's upstream) are open
         cut_off = await asyncio.gather(*(trickle() for _ in range(50)))
         assert all(cut_off)
-        await settle(lambda: open_fds() <= fds, within=5)
+        await settle(lambda: open_fds() <= fds, within=30)  # the event, not a time bound
 
 
 async def test_half_a_body_then_gone_sends_nothing_upstream(

@@ -144,15 +144,16 @@ authenticated user.
 - apiGroups: ["sideproxy.dev"]
   resources: ["creditpools/finalizers"]
   verbs: ["update"]
-# Secrets: it indexes the ones PoolKeys and clientAuth name (values stay in memory) and writes
-# each pool's <pool>-keys. No delete: the garbage collector removes what a deleted pool owned.
+# Secrets: it watches their metadata only (never data), reads by name the ones PoolKeys and
+# clientAuth name (values stay in memory) and writes each pool's <pool>-keys. No delete: the
+# garbage collector removes what a deleted pool owned.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["list", "watch", "get", "create", "update"]
-# The routing ConfigMaps it writes.
+# The routing ConfigMaps it writes, watched by its label so a deleted or edited one is repaired.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "update"]
+  verbs: ["list", "watch", "get", "create", "update"]
 # Its own Events on transitions (kopf's event posting is off).
 - apiGroups: [""]
   resources: ["events"]
