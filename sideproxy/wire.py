@@ -291,10 +291,12 @@ class ReplicaReportSpec(_Wire):
             description="Length of the limit window (60: a calendar minute).",
         ),
     ]
+    # None, not []: the health writer's merge patch (spec.dump(), unset fields left out) must
+    # never carry this field, or each of its writes would erase the replica's claims.
     virtual_keys: Annotated[
-        list[VirtualKeyUsage],
+        list[VirtualKeyUsage] | None,
         Field(
-            default_factory=list,
+            default=None,
             max_length=20_000,
             description="Virtual keys used in the current window or in flight.",
         ),

@@ -456,7 +456,10 @@ class Reconciler:
             if key.spec is not None
         ]
         translation = translate(
-            PoolInput(name, namespace, pool.spec, vkey_inputs(vkeys)), inputs, secrets, self._clock()
+            PoolInput(name, namespace, pool.spec, vkey_inputs(vkeys)),
+            inputs,
+            secrets,
+            self._clock(),
         )
         del secrets
         for key in keys:

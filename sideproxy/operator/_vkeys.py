@@ -178,7 +178,7 @@ class UsageBook:
         if deleted:
             self._reports.pop(slot, None)
             return pool
-        self._reports[slot] = (report.spec.pool, list(report.spec.virtual_keys))
+        self._reports[slot] = (report.spec.pool, list(report.spec.virtual_keys or ()))
         self._window[pool] = report.spec.window_seconds or 60.0
         return pool
 

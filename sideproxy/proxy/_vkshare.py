@@ -209,7 +209,7 @@ class UsageChannel:
                 u.requests,
                 u.prompt_tokens + u.completion_tokens,
             )
-            for u in spec.virtual_keys
+            for u in spec.virtual_keys or ()
         }
         heartbeat = spec.usage_heartbeat or 0.0
         self.admission.observe(spec.replica, seen, self.clock() - heartbeat < ACTIVE_GRACE)

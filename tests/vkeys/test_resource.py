@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from sideproxy import crds
 from sideproxy.models import RoutingTable, VirtualKeySpec, VirtualKeyStatus
 from sideproxy.translate import ManifestError, from_manifests, translate
+from sideproxy.wire import ReplicaReportSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "sp-CANARY-vk-value-0123456789abcdef"
@@ -198,3 +199,11 @@ def test_status_model_round_trips() -> None:
         }
     )
     assert status.dump()["currentMinute"]["tokens"] == 15
+
+
+def test_the_health_writers_patch_never_carries_virtual_key_fields() -> None:
+    """Both channels merge-patch one ReplicaReport's spec: the health writer's body (a spec
+    built without usage) must leave virtualKeys, usageHeartbeat and windowSeconds alone."""
+    spec = ReplicaReportSpec(pool="p", replica="r-1", heartbeat=1.0)
+    body = spec.dump()
+    assert {"virtualKeys", "usageHeartbeat", "windowSeconds"}.isdisjoint(body)
