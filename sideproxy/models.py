@@ -488,6 +488,10 @@ class ReportCounts(_Model):
 
     rate_limited: Annotated[int, Field(default=0, ge=0, description="429 answers.")]
     exhausted: Annotated[int, Field(default=0, ge=0, description="Out-of-quota answers.")]
+    prompt_tokens: Annotated[int, Field(default=0, ge=0, description="Prompt tokens served.")]
+    completion_tokens: Annotated[
+        int, Field(default=0, ge=0, description="Completion tokens served.")
+    ]
 
 
 class AppliedReport(ReportCounts):
@@ -567,6 +571,23 @@ class PoolKeyStatus(_Model):
     ]
     rate_limited_count: Annotated[
         int, Field(default=0, ge=0, description="429s reported by proxies since creation.")
+    ]
+    prompt_tokens: Annotated[
+        int,
+        Field(
+            default=0,
+            ge=0,
+            description="Prompt tokens of the answers this key served since creation, as the "
+            "provider's 'usage' reported them (summed from proxies' reports).",
+        ),
+    ]
+    completion_tokens: Annotated[
+        int,
+        Field(
+            default=0,
+            ge=0,
+            description="Completion tokens of the answers this key served since creation.",
+        ),
     ]
     fingerprint: Annotated[
         str | None,

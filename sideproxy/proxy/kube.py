@@ -123,6 +123,8 @@ class KubeSource:
             )
             if self._target is not None:
                 channel.attach(self._target)
+            if self._admission is not None:  # PoolKeys count the tokens they served
+                channel.ledger.tokens = self._admission.pool_key_tokens
             self.channel = channel
             task = asyncio.create_task(channel.run(), name="sideproxy-health-channel")
             usage = None

@@ -116,6 +116,14 @@ def test_operator_tables_virtual_keys_and_marks_bad_ones(loop: Loop) -> None:
     assert status["currentMinute"]["tokens"] == 50  # the fake reports 10 tokens per answer
     assert status["total"]["requests"] == 5
     assert status["lastUsed"]
+
+    # The PoolKeys that answered count the tokens too (the health report's 30 s heartbeat
+    # carries them; the operator folds them into PoolKey.status).
+    def pool_key_tokens() -> int | None:
+        total = sum(int(k.get("status", {}).get("promptTokens", 0)) for k in lp.poolkeys())
+        return total if total == 25 else None
+
+    wait_until(pool_key_tokens, 90, "prompt tokens in PoolKey.status")
     out = lp.kube.kubectl("get", "virtualkeys", "-n", lp.ns).stdout
     assert "batch" in out
 
