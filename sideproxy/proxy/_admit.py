@@ -329,9 +329,16 @@ class Admission:
         VirtualKeys it no longer has."""
         for name in [n for n in self._keys if n not in limits]:
             del self._keys[name]
+        had = bool(self._limits)
         self._limits = dict(limits)
         self._models = frozenset(m for m in models if "*" not in m)
         self.meters.forget(frozenset(limits))
+        if had != bool(limits):
+            self.changed()  # the usage channel starts with the first VirtualKey
+
+    def configured(self) -> bool:
+        """Does the loaded table have VirtualKeys?"""
+        return bool(self._limits)
 
     # ------------------------------------------------------------------ the request path
 

@@ -178,14 +178,25 @@ class Forwarder:
         self.metrics = metrics
         self.clock = clock
         self.on_transitions = on_transitions
-        self.compiled: Compiled | None = None
+        self._compiled: Compiled | None = None
         self.client: UpstreamClient | None = None
         self._buffer_limit = settings.buffer_limit
         self._access = settings.access_log
         self._access_log = AccessLog()
         self._learners: dict[str, Learn] = {}
         self.admission = Admission(metrics.registry, window=window_from_env(), clock=clock)
-        self._admitted_for: Compiled | None = None
+
+    @property
+    def compiled(self) -> Compiled | None:
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, compiled: Compiled | None) -> None:
+        """The app swaps tables here; admission learns the VirtualKeys at the same moment, so
+        the replica watches the others' claims before it admits a request."""
+        self._compiled = compiled
+        if compiled is not None:
+            self.admission.configure(compiled.virtual_keys.limits, compiled_models(compiled))
 
     # ------------------------------------------------------------------ entry points
 
@@ -262,9 +273,6 @@ class Forwarder:
         ctx.provider = upstream.provider
         ctx.compiled = compiled
         route = ctx.route = resolve(inbound, upstream, rest, query)
-        if compiled is not self._admitted_for:
-            self._admitted_for = compiled
-            self.admission.configure(compiled.virtual_keys.limits, compiled_models(compiled))
         # The client's own limits before the pool's: a refusal here touches no key.
         ctx.ticket = self.admission.admit(identity, route.model)
         if route.model is not None and not self.pool.serves(upstream.provider, route.model):

@@ -79,7 +79,11 @@ class UsageChannel:
         return f"UsageChannel(pool={self.pool!r}, replica={self.replica!r})"
 
     async def run(self) -> None:
-        """Publish and watch until cancelled."""
+        """Publish and watch until cancelled, from the moment the table has VirtualKeys (a pool
+        without any costs the API server nothing, and needs no RBAC on reports for this)."""
+        while not self.admission.configured():
+            await self._wake.wait()
+            self._wake.clear()
         tasks = [
             asyncio.create_task(self._publish_loop(), name="sideproxy-vkey-publish"),
             asyncio.create_task(self._watch_loop(), name="sideproxy-vkey-watch"),
