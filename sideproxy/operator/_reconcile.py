@@ -73,7 +73,7 @@ from sideproxy.operator._vkeys import UsageBook, VirtualKeyRecord, want_secrets
 from sideproxy.operator._vkeys import inputs as vkey_inputs
 from sideproxy.operator._vkeys import write_statuses as write_vkey_statuses
 from sideproxy.translate import KeyInput, KeyVerdict, PoolInput, Translation, translate
-from sideproxy.wire import ACCEPTED
+from sideproxy.wire import ACCEPTED, InvalidReport
 
 log = logging.getLogger("sideproxy.operator")
 
@@ -94,13 +94,10 @@ class Indices:
     pools_by_name: Mapping[PoolId, Collection[PoolRecord]]
     key_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     pool_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
-    reports_by_pool: Mapping[PoolId, Collection[ReportRecord]] = None  # type: ignore[assignment]
+    reports_by_pool: Mapping[PoolId, Collection[ReportRecord]]
     # VirtualKeys (issue 12, see _vkeys.py): by pool, and their Secret references.
     vkeys_by_pool: Mapping[PoolId, Collection[VirtualKeyRecord]] = field(default_factory=dict)
     vkey_refs_by_secret: Mapping[SecretId, Collection[SecretUse]] = field(default_factory=dict)
-
-    def reports(self, pool_id: PoolId) -> list[ReportRecord]:
-        return list((self.reports_by_pool or {}).get(pool_id, ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +107,6 @@ class Options:
     resync_seconds: float = 300.0
     write_concurrency: int = 16
     table_size_limit: int = TABLE_SIZE_LIMIT
-    report_quiet_seconds: float = 0.02
     # A pool that disappears: wait this long before marking its keys orphaned (a namespace
     # deletion removes them meanwhile; a pool deleted and re-created needs no writes at all),
     # then write at most orphan_rate key statuses per second.
@@ -158,7 +154,6 @@ class Reconciler:
             quiet=self._opt.quiet_seconds,
             max_delay=self._opt.max_delay_seconds,
             resync=self._opt.resync_seconds,
-            urgent_quiet=self._opt.report_quiet_seconds,
             gate=self._leadership.wait_leading,
             clock=clock,
         )
@@ -272,7 +267,9 @@ class Reconciler:
         version = str(meta.get("resourceVersion", ""))
         if not deleted and self._written.get(slot) == version:
             return
-        self.workers.hurry((namespace, pool))
+        # A plain poke: the echo of our own write can arrive before our write's answer (two
+        # connections), and must not cost more than the usual batching.
+        self.workers.poke((namespace, pool))
 
     def vkey_event(self, body: Mapping[str, Any], deleted: bool) -> None:
         """A VirtualKey changed: its pool reconciles (table entry, Ready condition)."""
@@ -293,7 +290,7 @@ class Reconciler:
         self._reported.clear()
         pools = {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}
         pools |= set(self._ix.vkeys_by_pool.keys())
-        for pool_id in {*pools, *(self._ix.reports_by_pool or {}).keys()}:
+        for pool_id in {*pools, *self._ix.reports_by_pool.keys()}:
             self.workers.poke(pool_id)
 
     # -- the reconcile --------------------------------------------------------------------
@@ -321,7 +318,7 @@ class Reconciler:
             key=lambda k: k.name,
         )
         pool: PoolRecord | None = _first(self._ix.pools_by_name.get(pool_id))
-        reports = self._ix.reports(pool_id)
+        reports = list(self._ix.reports_by_pool.get(pool_id, ()))
         if pool is None:
             await write_vkey_statuses(self._api, self._vkeys(pool_id), {}, now)
             return await self._orphans(pool_id, keys, reports, now)
@@ -504,7 +501,13 @@ class Reconciler:
         """The pool is gone: one pool-level Event, then the keys marked at a bounded rate."""
         namespace, name = pool_id
         gone = Cond(ACCEPTED, "False", "PoolNotFound", f"no CreditPool {name!r} here")
-        await self.desk.judge(reports, {r.name: gone for r in reports}, now)
+        refusals = {
+            r.name: Cond(ACCEPTED, "False", r.parsed.reason, r.parsed.message)
+            if isinstance(r.parsed, InvalidReport)
+            else gone
+            for r in reports
+        }
+        await self.desk.judge(reports, refusals, now)
         live = [k for k in keys if not k.deleting]
         if not live:
             self._orphaned.pop(pool_id, None)
@@ -669,7 +672,6 @@ def _facts(
     verdicts: Mapping[str, KeyVerdict],
     written: TableWrite,
     failed: Mapping[str, str],
-    had_failures: bool = True,
 ) -> PoolFacts:
     total, ready, cooling, invalid = count_phases(verdicts)
     usable = sum(

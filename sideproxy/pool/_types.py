@@ -145,7 +145,8 @@ class Transition:
     fingerprint: str
     health: KeyHealth
     until: float | None
-    reason: str  # RateLimited, Exhausted, Unauthorized, CircuitOpen, Recovered
+    # RateLimited, Spent (a budget at 0), Exhausted, Unauthorized, CircuitOpen, Recovered
+    reason: str
     # The model a rate limit is about; None = the key for every model.
     model: str | None = None
 
