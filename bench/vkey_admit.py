@@ -5,7 +5,8 @@
 ``Admission.admit`` + ``Ticket.usage`` (a whole body's ``usage``) + ``Ticket.close`` for a
 VirtualKey with all three limits and a model list, on one replica with one peer known (the
 shared-limit path), 1,000 VirtualKeys configured. Best of 5 runs, µs per request. The limits are
-high enough that nothing is refused (a refusal costs less: it stops earlier).
+high enough that nothing is refused (a refusal costs less: it stops earlier). CPU time of
+this process, so a machine shared with other work slows it less.
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ def cost(requests: int = 100_000, runs: int = 5) -> tuple[float, float]:
     who = Identity("vk-7", b"d" * 32, ("small", "llama-*"), limits)
     best_admit = best_usage = float("inf")
     for _ in range(runs):
-        start = time.perf_counter_ns()
+        start = time.process_time_ns()
         for _ in range(requests):
             admission.admit(who, "small").close()
-        best_admit = min(best_admit, (time.perf_counter_ns() - start) / requests / 1000)
-        start = time.perf_counter_ns()
+        best_admit = min(best_admit, (time.process_time_ns() - start) / requests / 1000)
+        start = time.process_time_ns()
         for _ in range(requests):
             ticket = admission.admit(who, "small")
             ticket.usage(BODY)
             ticket.close()
-        best_usage = min(best_usage, (time.perf_counter_ns() - start) / requests / 1000)
+        best_usage = min(best_usage, (time.process_time_ns() - start) / requests / 1000)
     return best_admit, best_usage
 
 
