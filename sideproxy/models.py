@@ -32,6 +32,12 @@ POOL_LABEL = "sideproxy.dev/pool"
 # "meta-llama/llama-4-scout-17b-16e-instruct", "llama3.1:8b", "gpt-4o-2024-08-06", "gpt-4o*".
 MODEL_PATTERN = r"^[A-Za-z0-9._:/@+*-]{1,256}$"
 MAX_KEY_MODELS = 64
+# An exact model name (no glob): what a route answers to and what its targets send upstream.
+EXACT_MODEL_PATTERN = r"^[A-Za-z0-9._:/@+-]{1,256}$"
+# A provider endpoint's name: a DNS label, since it is also a path prefix (/<name>/v1/...).
+ENDPOINT_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+MAX_ROUTES = 64
+MAX_ROUTE_TARGETS = 16
 # PoolKey.status.coolingModels lists at most this many models; the rest are counted.
 COOLING_MODELS_SHOWN = 5
 
@@ -59,6 +65,9 @@ class Provider(StrEnum):
     OPENROUTER = "openrouter"
     FIREWORKS = "fireworks"
     CUSTOM = "custom"
+
+
+_PROVIDER_VALUES = tuple(p.value for p in Provider)
 
 
 # Default upstream base URLs. The proxy appends the client's path after ``/v1`` to these.
@@ -119,16 +128,42 @@ class SecretKeyRef(_Model):
     ]
 
 
+_PROVIDER_TYPES = ", ".join(f"'{p.value}'" for p in Provider)
+
+
 class ProviderEndpoint(_Model):
-    # CEL: a custom provider has no built-in URL, so it must name one.
     cel_rules: ClassVar[list[dict[str, str]]] = [
         {
-            "rule": "self.name != 'custom' || has(self.baseURL)",
+            # A name that is not a provider type says nothing about auth or API shape.
+            "rule": f"has(self.type) || self.name in [{_PROVIDER_TYPES}]",
+            "message": "a provider whose name is not a provider type needs a type",
+        },
+        {
+            # A custom provider has no built-in URL, so it must name one.
+            "rule": "(has(self.type) ? self.type : self.name) != 'custom' || has(self.baseURL)",
             "message": "a custom provider needs a baseURL",
-        }
+        },
     ]
 
-    name: Annotated[Provider, Field(description="Provider served by this pool.")]
+    name: Annotated[
+        str,
+        Field(
+            pattern=ENDPOINT_PATTERN,
+            max_length=63,
+            description="Name of this endpoint: PoolKeys and route targets name it, and "
+            "/<name>/v1/... selects it. Either a provider type (groq, openai, anthropic, ...: "
+            "then type defaults to it) or any name with type set, e.g. 'vllm-a', so that two "
+            "endpoints of one type serve one pool.",
+        ),
+    ]
+    type: Annotated[
+        Provider | None,
+        Field(
+            default=None,
+            description="Provider served by this endpoint (how keys authenticate, which API "
+            "shape it speaks). Defaults to name.",
+        ),
+    ]
     base_url: Annotated[
         str | None,
         Field(
@@ -145,14 +180,111 @@ class ProviderEndpoint(_Model):
     ]
 
     @model_validator(mode="after")
-    def _custom_needs_url(self) -> ProviderEndpoint:
-        if self.name is Provider.CUSTOM and not self.base_url:
+    def _typed(self) -> ProviderEndpoint:
+        if self.type is None and self.name not in _PROVIDER_VALUES:
+            raise ValueError(
+                f"provider {self.name!r} is not a provider type: set its type (one of "
+                f"{', '.join(_PROVIDER_VALUES)})"
+            )
+        if self.kind is Provider.CUSTOM and not self.base_url:
             raise ValueError("a custom provider needs a baseURL")
         return self
 
     @property
+    def kind(self) -> Provider:
+        """The provider type: ``type``, or the name when it is one."""
+        return self.type if self.type is not None else Provider(self.name)
+
+    @property
     def url(self) -> str:
-        return self.base_url or DEFAULT_BASE_URLS[self.name]
+        return self.base_url or DEFAULT_BASE_URLS[self.kind]
+
+
+class RouteTarget(_Model):
+    provider: Annotated[
+        str,
+        Field(
+            pattern=ENDPOINT_PATTERN,
+            max_length=63,
+            description="One of spec.providers[].name.",
+        ),
+    ]
+    model: Annotated[
+        str,
+        Field(
+            pattern=EXACT_MODEL_PATTERN,
+            max_length=256,
+            description="The model name this provider knows; it replaces the client's in the "
+            "request body. Some PoolKey of this provider must serve it (spec.models).",
+        ),
+    ]
+    order: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=0,
+            le=15,
+            description="Lower first. Targets with the same order share load by weight; a "
+            "higher order takes a request only when no target of the lower orders can serve "
+            "it. Unset: the target's position. Set it on every target of a route or on none.",
+        ),
+    ]
+    weight: Annotated[
+        int,
+        Field(
+            default=1,
+            ge=1,
+            le=1000,
+            description="Share of the load among the targets of the same order.",
+        ),
+    ]
+
+
+class ModelRoute(_Model):
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "self.targets.all(t, has(t.order)) || self.targets.all(t, !has(t.order))",
+            "message": "set order on every target or on none",  # if the expression fails
+            "messageExpression": "'route ' + self.model + ': set order on every target or on none'",
+        },
+    ]
+
+    model: Annotated[
+        str,
+        Field(
+            pattern=EXACT_MODEL_PATTERN,
+            max_length=256,
+            description="The model name clients ask for, e.g. 'fast'. The client's name never "
+            "reaches a provider: each attempt sends its target's model.",
+        ),
+    ]
+    targets: Annotated[
+        list[RouteTarget],
+        Field(
+            min_length=1,
+            max_length=MAX_ROUTE_TARGETS,
+            description="Where requests for this model go, in order (see order and weight).",
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["provider", "model"],
+            },
+        ),
+    ]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelRoute:
+        where = f"route {self.model}"
+        given = {t.order is not None for t in self.targets}
+        if len(given) > 1:
+            raise ValueError(f"{where}: set order on every target or on none")
+        pairs = [(t.provider, t.model) for t in self.targets]
+        if len(pairs) != len(set(pairs)):
+            raise ValueError(f"{where}: a target (provider, model) appears twice")
+        return self
+
+    def orders(self) -> list[int]:
+        """Each target's effective order: its own, or its position."""
+        return [i if t.order is None else t.order for i, t in enumerate(self.targets)]
 
 
 class CooldownPolicy(_Model):
@@ -327,16 +459,27 @@ class CreditPoolSpec(_Model):
             "message": "each provider may appear once in providers",
         },
         {
+            "rule": "self.routes.all(r, r.targets.all(t, "
+            "self.providers.exists(p, p.name == t.provider)))",
+            # No messageExpression naming the route: its estimated cost is over the API
+            # server's budget. The spec model (operator, pool files) names it.
+            "message": "a route target names a provider this pool does not serve "
+            "(routes[].targets[].provider must be one of providers[].name)",
+        },
+        {
             "rule": "self.clientAuth.disabled || has(self.clientAuth.secretRef)",
             "message": "clientAuth needs a secretRef unless clientAuth.disabled is true",
         },
     ]
 
     default_provider: Annotated[
-        Provider,
+        str,
         Field(
-            default=Provider.GROQ,
-            description="Provider for requests under /v1/... that carry no provider prefix.",
+            default=Provider.GROQ.value,
+            pattern=ENDPOINT_PATTERN,
+            max_length=63,
+            description="Provider (a providers[].name) for requests under /v1/... that carry "
+            "no provider prefix.",
         ),
     ]
     providers: Annotated[
@@ -346,6 +489,19 @@ class CreditPoolSpec(_Model):
             min_length=1,
             max_length=16,
             description="Providers this pool serves; /<provider>/v1/... selects one explicitly.",
+        ),
+    ]
+    routes: Annotated[
+        list[ModelRoute],
+        Field(
+            default_factory=list,
+            max_length=MAX_ROUTES,
+            description="Model names served across providers: a request for routes[].model "
+            "goes to its targets in order, each with that provider's model name.",
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["model"],
+            },
         ),
     ]
     strategy: Annotated[
@@ -394,7 +550,20 @@ class CreditPoolSpec(_Model):
             raise ValueError("each provider may appear once in providers")
         if not self.client_auth.disabled and self.client_auth.secret_ref is None:
             raise ValueError("clientAuth needs a secretRef unless clientAuth.disabled is true")
+        routes = [r.model for r in self.routes]
+        if len(routes) != len(set(routes)):
+            raise ValueError("each route model may appear once in routes")
+        for route in self.routes:
+            for target in route.targets:
+                if target.provider not in names:
+                    raise ValueError(
+                        f"route {route.model}: a target names a provider this pool does not "
+                        "serve (spec.providers)"
+                    )
         return self
+
+    def endpoint(self, name: str) -> ProviderEndpoint | None:
+        return next((p for p in self.providers if p.name == name), None)
 
 
 # --------------------------------------------------------------------------- PoolKey spec
@@ -410,8 +579,14 @@ class PoolKeySpec(_Model):
         ),
     ]
     provider: Annotated[
-        Provider,
-        Field(default=Provider.GROQ, description="Provider this key authenticates against."),
+        str,
+        Field(
+            default=Provider.GROQ.value,
+            pattern=ENDPOINT_PATTERN,
+            max_length=63,
+            description="The pool's provider (a CreditPool spec.providers[].name) this key "
+            "authenticates against.",
+        ),
     ]
     secret_ref: Annotated[
         SecretKeyRef, Field(description="Where the API key value lives. Never inline it.")
@@ -754,7 +929,7 @@ class KeyState(StrEnum):
 
 class TableKey(_Model):
     name: str = Field(min_length=1, description="PoolKey name; also its data key in the Secret.")
-    provider: Provider
+    provider: str  # an endpoint name (settings.base_urls)
     tier: int = Field(ge=0, le=9)
     weight: int = Field(ge=0, le=1000)
     fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
@@ -778,8 +953,10 @@ class TableVirtualKey(_Model):
 
 
 class TableSettings(_Model):
-    default_provider: Provider = Provider.GROQ
-    base_urls: dict[Provider, str] = Field(default_factory=dict)
+    default_provider: str = Provider.GROQ.value
+    base_urls: dict[str, str] = Field(default_factory=dict)  # endpoint name -> base URL
+    # Endpoint name -> its provider type, for endpoints whose name is not their type.
+    types: dict[str, Provider] | None = None
     strategy: Strategy = Strategy.WEIGHTED
     cooldown: CooldownPolicy = Field(default_factory=CooldownPolicy)
     quota: QuotaPolicy = Field(default_factory=QuotaPolicy)
@@ -787,6 +964,18 @@ class TableSettings(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     client_auth_required: bool = False
+
+
+class TableTarget(_Model):
+    provider: str  # an endpoint name
+    model: str
+    order: int = Field(ge=0)
+    weight: int = Field(ge=1)
+
+
+class TableRoute(_Model):
+    model: str
+    targets: list[TableTarget] = Field(min_length=1)
 
 
 class RoutingTable(_Model):
@@ -803,13 +992,21 @@ class RoutingTable(_Model):
     hash: str = ""
     settings: TableSettings = Field(default_factory=TableSettings)
     keys: list[TableKey] = Field(default_factory=list)
+    routes: list[TableRoute] | None = None
     # None (not []) when the pool has no VirtualKeys, so a table without them keeps the JSON
     # and the hash it had before VirtualKeys existed.
     virtual_keys: list[TableVirtualKey] | None = None
 
     def content_hash(self) -> str:
-        excluded = {"version", "hash"} if self.virtual_keys else {"version", "hash", "virtual_keys"}
-        body = self.model_dump(by_alias=True, mode="json", exclude=excluded)
+        body = self.model_dump(by_alias=True, mode="json", exclude={"version", "hash"})
+        # Fields added later hash only when set, so a table written before they existed keeps
+        # its hash (a proxy upgraded before its operator still loads it).
+        if body["routes"] is None:
+            del body["routes"]
+        if body["settings"]["types"] is None:
+            del body["settings"]["types"]
+        if body["virtualKeys"] is None:
+            del body["virtualKeys"]
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -23,17 +23,23 @@ from sideproxy.models import (
     CreditPoolSpec,
     KeyPhase,
     KeyState,
+    ModelRoute,
     PoolKeySpec,
     PoolKeyStatus,
     Provider,
     RoutingTable,
     TableKey,
+    TableRoute,
     TableSettings,
+    TableTarget,
     TableVirtualKey,
     VirtualKeySpec,
     digest,
     fingerprint,
 )
+
+# The pool's own glob matcher, so a route is checked exactly as the pool will select keys.
+from sideproxy.pool._models import Matcher, compile_patterns, serves
 
 SecretData = Mapping[str, Mapping[str, str]]  # Secret name -> decoded data
 
@@ -105,15 +111,15 @@ def translate(
 ) -> Translation:
     spec = pool.spec
     served = {endpoint.name for endpoint in spec.providers}
+    mine = [key for key in keys if key.spec.pool == pool.name]
+    _check_routes(pool, mine)
     material: dict[str, str] = {}
     verdicts: dict[str, KeyVerdict] = {}
     table_keys: list[TableKey] = []
     problems: list[str] = []
     owner_of_value: dict[str, str] = {}
 
-    for key in sorted(keys, key=lambda k: k.name):
-        if key.spec.pool != pool.name:
-            continue
+    for key in sorted(mine, key=lambda k: k.name):
         if key.name == VIRTUAL_KEYS_DATA_KEY:
             # The CRD refuses this name; pool files never meet the API server.
             verdicts[key.name] = _invalid(
@@ -127,8 +133,7 @@ def translate(
         if key.spec.provider not in served:
             verdicts[key.name] = _invalid(
                 "ProviderNotServed",
-                f"provider {key.spec.provider.value!r} is not in CreditPool "
-                f"{pool.name!r} spec.providers",
+                f"provider {key.spec.provider!r} is not in CreditPool {pool.name!r} spec.providers",
             )
             continue
         value, problem = _resolve(secrets, key.spec.secret_ref.name, key.spec.secret_ref.key)
@@ -183,6 +188,7 @@ def translate(
         settings=TableSettings(
             default_provider=spec.default_provider,
             base_urls={endpoint.name: endpoint.url for endpoint in spec.providers},
+            types={p.name: p.kind for p in spec.providers if p.name != p.kind.value} or None,
             strategy=spec.strategy,
             cooldown=spec.cooldown,
             quota=spec.quota,
@@ -193,6 +199,7 @@ def translate(
             client_auth_required=not auth.disabled or bool(virtual_verdicts),
         ),
         keys=table_keys,
+        routes=[_table_route(route) for route in spec.routes] or None,
         virtual_keys=identities or None,
     )
     size = len(table.sealed(1).to_json())
@@ -268,6 +275,58 @@ def _virtual_keys(
         )
         verdicts[vk.name] = VirtualKeyVerdict(True, "Ready", "authenticates clients", print_)
     return entries, verdicts
+
+
+class RouteError(ValueError):
+    """Routes that cannot be served: the table is refused whole (the last good one stays)."""
+
+
+def routes_refused(spec: CreditPoolSpec, keys: Iterable[PoolKeySpec | None]) -> str:
+    """``route_problems`` as one message ("" when the routes are fine), over the specs of the
+    pool's PoolKeys (None: one that does not parse, skipped): the operator's condition."""
+    return "; ".join(route_problems(spec, [k for k in keys if k is not None]))
+
+
+def route_problems(spec: CreditPoolSpec, keys: Iterable[PoolKeySpec]) -> list[str]:
+    """Why the pool's routes cannot be served, one sentence per route target at fault.
+
+    What the CRD's CEL can check (a target's provider is one of spec.providers) is checked by
+    the spec model too; what needs the PoolKeys is checked here: some key of the target's
+    provider may serve its model (PoolKey.spec.models, whatever the key's health, so a key
+    that is resting or disabled for a while never invalidates a route).
+    """
+    matchers: dict[str, list[Matcher]] = {}
+    for key in keys:
+        matchers.setdefault(key.provider, []).append(compile_patterns(key.models))
+    problems = []
+    for route in spec.routes:
+        for target in route.targets:
+            if spec.endpoint(target.provider) is None:
+                problems.append(
+                    f"route {route.model}: provider {target.provider!r} is not in spec.providers"
+                )
+            elif not any(serves(m, target.model) for m in matchers.get(target.provider, ())):
+                problems.append(
+                    f"route {route.model}: no PoolKey of provider {target.provider!r} may serve "
+                    f"model {target.model!r} (spec.models)"
+                )
+    return problems
+
+
+def _check_routes(pool: PoolInput, keys: list[KeyInput]) -> None:
+    refused = route_problems(pool.spec, [k.spec for k in keys])
+    if refused:
+        raise RouteError(f"CreditPool {pool.name!r}: {'; '.join(refused)}")
+
+
+def _table_route(route: ModelRoute) -> TableRoute:
+    return TableRoute(
+        model=route.model,
+        targets=[
+            TableTarget(provider=t.provider, model=t.model, order=order, weight=t.weight)
+            for t, order in zip(route.targets, route.orders(), strict=True)
+        ],
+    )
 
 
 def _invalid(reason: str, message: str, print_: str | None = None) -> KeyVerdict:

@@ -20,6 +20,7 @@ from sideproxy.models import (
     MODEL_PATTERN,
     CreditPoolSpec,
     CreditPoolStatus,
+    ModelRoute,
     PoolKeySpec,
     PoolKeyStatus,
     ProviderEndpoint,
@@ -108,7 +109,18 @@ def test_cel_rules_become_validations() -> None:
     assert endpoint["x-kubernetes-validations"] == ProviderEndpoint.cel_rules
     # CEL cost must be bounded: the lists and strings CEL iterates over have limits.
     assert spec["properties"]["providers"]["maxItems"] == 16
-    assert endpoint["properties"]["name"]["maxLength"] == len("openrouter")
+    assert endpoint["properties"]["name"]["maxLength"] == 63  # a DNS label: a path prefix
+    assert endpoint["properties"]["type"]["maxLength"] == len("openrouter")
+    routes = spec["properties"]["routes"]
+    assert routes["maxItems"] == 64
+    assert routes["items"]["properties"]["targets"]["maxItems"] == 16
+    assert routes["items"]["x-kubernetes-validations"] == ModelRoute.cel_rules
+    # Unique route models and unique (provider, model) targets cost CEL nothing: list maps.
+    assert routes["x-kubernetes-list-map-keys"] == ["model"]
+    assert routes["items"]["properties"]["targets"]["x-kubernetes-list-map-keys"] == [
+        "provider",
+        "model",
+    ]
 
 
 def test_defaults_equal_the_models_defaults() -> None:

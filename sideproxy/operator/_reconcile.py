@@ -72,7 +72,14 @@ from sideproxy.operator._tables import MANAGED_BY, Owner, TableWrite, write_tabl
 from sideproxy.operator._vkeys import UsageBook, VirtualKeyRecord, want_secrets
 from sideproxy.operator._vkeys import inputs as vkey_inputs
 from sideproxy.operator._vkeys import write_statuses as write_vkey_statuses
-from sideproxy.translate import KeyInput, KeyVerdict, PoolInput, Translation, translate
+from sideproxy.translate import (
+    KeyInput,
+    KeyVerdict,
+    PoolInput,
+    Translation,
+    routes_refused,
+    translate,
+)
 from sideproxy.wire import ACCEPTED, InvalidReport
 
 log = logging.getLogger("sideproxy.operator")
@@ -324,13 +331,17 @@ class Reconciler:
             return await self._orphans(pool_id, keys, reports, now)
         self._orphaned.pop(pool_id, None)
         self._announced.discard(pool_id)
-        if pool.spec is None:
+        # Routes that no key could serve refuse the spec like a CEL rule would (issue 13).
+        spec_error = pool.spec_error
+        if pool.spec is not None:
+            spec_error = routes_refused(pool.spec, [k.spec for k in keys])
+        if pool.spec is None or spec_error:
             facts = PoolFacts(
                 len(keys),
                 0,
                 0,
                 0,
-                Cond(READY, "False", "InvalidSpec", pool.spec_error),
+                Cond(READY, "False", "InvalidSpec", spec_error),
                 Cond(TABLE_WRITTEN, "False", "InvalidSpec", "not rewritten while spec is invalid"),
                 pool.status.get("tableVersion"),
                 pool.status.get("tableHash"),

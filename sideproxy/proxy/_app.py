@@ -246,7 +246,7 @@ class ConfigRuntime:
                 hash=table.hash,
                 origin=compiled.snapshot.origin,
                 loaded_at=compiled.loaded_at,
-                default_provider=table.settings.default_provider.value,
+                default_provider=table.settings.default_provider,
                 providers={p: u.base for p, u in sorted(compiled.upstreams.items())},
                 client_auth=compiled.virtual_keys.required,
                 held_back=list(compiled.held_back),

@@ -9,7 +9,7 @@ out of the pool, listed in the status endpoint) rather than failing the whole ta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -18,12 +18,14 @@ from sideproxy.models import (
     DEFAULT_BASE_URLS,
     VIRTUAL_KEYS_DATA_KEY,
     Provider,
+    TableRoute,
     fingerprint,
 )
 from sideproxy.pool import KeyConfig, PoolPolicy
 from sideproxy.proxy._auth import VirtualKeys, parse_virtual_keys
 from sideproxy.proxy._headers import AUTHORIZATION, X_API_KEY
 from sideproxy.proxy._settings import ProxySettings
+from sideproxy.proxy._targets import Routes, TargetError, compile_routes
 from sideproxy.proxy.sources import Snapshot
 
 __all__ = ["CompileError", "Compiled", "Upstream", "compile_snapshot"]
@@ -58,13 +60,14 @@ class Compiled:
     connect: float
     total: float
     loaded_at: float
+    routes: Routes  # route model -> its targets (issue 13); empty: no routes
 
     @property
     def version(self) -> int:
         return self.snapshot.table.version
 
 
-def _upstream(provider: str, url: str) -> Upstream:
+def _upstream(provider: str, url: str, kind: Provider) -> Upstream:
     try:
         parsed = URL(url)
     except (ValueError, TypeError):
@@ -75,7 +78,7 @@ def _upstream(provider: str, url: str) -> Upstream:
         raise CompileError(f"base URL of provider {provider!r} must not carry credentials")
     if parsed.query_string or parsed.fragment:
         raise CompileError(f"base URL of provider {provider!r} must not have a query or fragment")
-    anthropic = provider == Provider.ANTHROPIC.value
+    anthropic = kind is Provider.ANTHROPIC
     return Upstream(
         provider=provider,
         base=str(parsed).rstrip("/"),
@@ -85,19 +88,30 @@ def _upstream(provider: str, url: str) -> Upstream:
     )
 
 
+def _kind(types: Mapping[str, Provider], name: str) -> Provider:
+    """An endpoint's provider type: named in the table, or the name itself when it is one."""
+    kind = types.get(name)
+    if kind is not None:
+        return kind
+    return Provider(name) if name in _TYPES else Provider.CUSTOM
+
+
+_TYPES = frozenset(p.value for p in Provider)
+
+
 def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) -> Compiled:
     table = snapshot.table
     material = snapshot.material
     ts = table.settings
 
-    base_urls: dict[str, str] = {p.value: url for p, url in ts.base_urls.items()}
+    base_urls = dict(ts.base_urls)  # endpoint name -> URL; a name that is a type may omit it
     for provider in (ts.default_provider, *(key.provider for key in table.keys)):
-        if provider.value not in base_urls:
-            default = DEFAULT_BASE_URLS.get(provider)
+        if provider not in base_urls:
+            default = DEFAULT_BASE_URLS.get(_kind(ts.types or {}, provider))
             if default is None:
-                raise CompileError(f"provider {provider.value!r} has no base URL")
-            base_urls[provider.value] = default
-    upstreams = {p: _upstream(p, url) for p, url in base_urls.items()}
+                raise CompileError(f"provider {provider!r} has no base URL")
+            base_urls[provider] = default
+    upstreams = {p: _upstream(p, url, _kind(ts.types or {}, p)) for p, url in base_urls.items()}
 
     configs: list[KeyConfig] = []
     held_back: list[str] = []
@@ -111,7 +125,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         configs.append(
             KeyConfig(
                 name=key.name,
-                provider=key.provider.value,
+                provider=key.provider,
                 secret=secret,
                 tier=key.tier,
                 weight=key.weight,
@@ -129,7 +143,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
     timeouts = ts.timeouts
     return Compiled(
         snapshot=snapshot,
-        default=upstreams.get(ts.default_provider.value),
+        default=upstreams.get(ts.default_provider),
         upstreams=upstreams,
         virtual_keys=virtual,
         policy=PoolPolicy.from_settings(ts),
@@ -142,4 +156,12 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
         connect=timeouts.connect_seconds,
         total=timeouts.total_seconds,
         loaded_at=now,
+        routes=_routes(table.routes or (), upstreams),
     )
+
+
+def _routes(routes: Iterable[TableRoute], upstreams: Mapping[str, Upstream]) -> Routes:
+    try:
+        return compile_routes(routes, upstreams)
+    except TargetError as exc:
+        raise CompileError(str(exc)) from None

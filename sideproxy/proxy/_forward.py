@@ -71,7 +71,8 @@ from sideproxy.proxy._exchange import (
 from sideproxy.proxy._headers import request_headers, response_headers
 from sideproxy.proxy._paths import parse_path
 from sideproxy.proxy._relay import end_broken, missing_final_event, relay
-from sideproxy.proxy._route import Route, resolve, upstream_of
+from sideproxy.proxy._route import Route, anthropic_shaped, resolve, upstream_of
+from sideproxy.proxy._routed import Routed
 
 if TYPE_CHECKING:
     from sideproxy.proxy._compile import Compiled
@@ -115,6 +116,7 @@ class _Ctx:
         "out",
         "provider",
         "route",
+        "routed",
         "started",
         "ticket",
     )
@@ -134,6 +136,7 @@ class _Ctx:
         self.held: Attempt | None = None
         self.opened: list[Attempt] = []
         self.ticket: Ticket | None = None  # an admitted virtual key's request
+        self.routed: Routed | None = None  # the request's model names a route (issue 13)
 
     def settle_held(self, outcome: Outcome) -> None:
         held = self.held
@@ -226,6 +229,9 @@ class Forwarder:
 
     def _account(self, ctx: _Ctx, status: int) -> None:
         self.metrics.client(ctx.provider, status)
+        routed = ctx.routed
+        if routed is not None:
+            self.metrics.route(routed.model, routed.label, status)
         if self._access and self._access_log.enabled():
             self._log_access(ctx, status)
 
@@ -243,6 +249,7 @@ class Forwarder:
                 "key": key.name if key is not None else None,
                 "key_fingerprint": key.fingerprint if key is not None else None,
                 "attempts": ctx.attempts,
+                "route_target": ctx.routed.label if ctx.routed is not None else None,
                 "duration_ms": ms,
             },
             f"{inbound.method} {path} {status} {ms:.2f}ms",
@@ -264,6 +271,12 @@ class Forwarder:
         route = ctx.route = resolve(inbound, upstream, rest, query)
         # The client's own limits before the pool's: a refusal here touches no key.
         ctx.ticket = self.admission.admit(identity, route.model)
+        if prefix is None and compiled.routes:  # /<provider>/v1/... names its provider
+            plan = compiled.routes.plan(route.model, anthropic_shaped(rest))
+            if plan is not None:
+                ctx.routed = routed = Routed(plan, route, inbound, ctx.out, (rest, query))
+                ctx.out, ctx.provider = routed.out, routed.provider
+                return await self._attempts(ctx)
         if route.model is not None and not self.pool.serves(upstream.provider, route.model):
             raise NotFound(
                 f"no key of this pool serves model {route.model[:128]!r}",
@@ -280,10 +293,10 @@ class Forwarder:
                 first_byte = self._first_byte(ctx, n)
                 if first_byte is None:
                     break
-                tried = [a.key.name for a in ctx.opened]
-                key = self.pool.acquire(provider, self.clock(), tried, model=ctx.route.model)
+                key = self._acquire(ctx)
                 if key is None:
                     break
+                provider = ctx.provider  # a route target may have changed it
                 if n:
                     self.metrics.retry(provider, _reason(ctx.failure))
                 attempt = Attempt(key, self._learner(provider), ctx.route.model)
@@ -303,6 +316,17 @@ class Forwarder:
         # Nobody else could answer a held 403: it is replayed, the key learns nothing.
         ctx.settle_held(Outcome.OK)
         return await self._spent(ctx)
+
+    def _acquire(self, ctx: _Ctx) -> Key | None:
+        """The next attempt's key: the provider's, or a route target's (``_targets``)."""
+        tried = [a.key.name for a in ctx.opened]
+        routed = ctx.routed
+        if routed is None:
+            return self.pool.acquire(ctx.provider, self.clock(), tried, model=ctx.route.model)
+        key = routed.acquire(self.pool, self.clock(), tried)
+        if key is not None:
+            ctx.route, ctx.provider = routed.route, routed.provider
+        return key
 
     @staticmethod
     def _first_byte(ctx: _Ctx, n: int) -> float | None:
@@ -347,7 +371,7 @@ class Forwarder:
                 inbound.method,
                 route.url,
                 request_headers(inbound.headers.raw, upstream.auth_name, secret),
-                inbound.body,
+                route.body,
                 connect_timeout=compiled.connect,
                 first_byte_timeout=first_byte,
                 total_timeout=max(0.001, compiled.total - (_monotonic() - ctx.started)),
@@ -462,15 +486,21 @@ class Forwarder:
             raise failure
         self.metrics.no_key(provider)
         seconds = self._retry_after(ctx)
+        routed = ctx.routed
+        what = f"provider {provider}" if routed is None else f"any target of route {routed.model}"
         raise NoKeyAvailable(
-            f"no key of provider {provider} is available: every key is cooling down or out of "
+            f"no key of {what} is available: every key is cooling down or out of "
             f"rotation; retry after {seconds}s",
             headers={"Retry-After": str(seconds), "retry-after-ms": str(seconds * 1000)},
         )
 
     def _retry_after(self, ctx: _Ctx) -> int:
         now = self.clock()
-        recovery = self.pool.next_recovery(ctx.provider, now, model=ctx.route.model)
+        routed = ctx.routed
+        if routed is None:
+            recovery = self.pool.next_recovery(ctx.provider, now, model=ctx.route.model)
+        else:
+            recovery = routed.plan.next_recovery(self.pool, now)
         if recovery is None:  # no key will recover by itself (all revoked, or none)
             return max(1, math.ceil(ctx.compiled.policy.default_cooldown))
         return max(1, math.ceil(recovery - now))

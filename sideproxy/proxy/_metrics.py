@@ -135,6 +135,14 @@ class _HotPath(Collector):
             ["provider", "reason"],
             m.retry_counts,
         )
+        yield _counter(
+            "sideproxy_route_requests",
+            "Client requests for a route's model, by route, the target that served it last "
+            "('<provider>/<model>', '-' when none could) and the status answered. Routes and "
+            "targets come from the pool's configuration, so the labels are bounded.",
+            ["route", "target", "status"],
+            m.route_counts,
+        )
         yield _histogram(
             "sideproxy_upstream_latency_seconds",
             "One upstream attempt, from sending the request to the end of the response body.",
@@ -175,6 +183,7 @@ class Metrics:
         self.upstream_counts: dict[tuple[str, ...], int] = {}
         self.client_counts: dict[tuple[str, ...], int] = {}
         self.retry_counts: dict[tuple[str, ...], int] = {}
+        self.route_counts: dict[tuple[str, ...], int] = {}
         self.latencies: dict[str, _Histogram] = {}
         self.ttfbs: dict[str, _Histogram] = {}
         self._cooldowns = Counter(
@@ -218,6 +227,11 @@ class Metrics:
     def client(self, provider: str, status: int) -> None:
         labels = (provider, str(status))
         counts = self.client_counts
+        counts[labels] = counts.get(labels, 0) + 1
+
+    def route(self, route: str, target: str, status: int) -> None:
+        labels = (route, target, str(status))
+        counts = self.route_counts
         counts[labels] = counts.get(labels, 0) + 1
 
     def retry(self, provider: str, reason: str) -> None:

@@ -32,7 +32,14 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["PARSE_LIMIT", "InvalidJSON", "model_of_form", "parse_json", "scan_json"]
+__all__ = [
+    "PARSE_LIMIT",
+    "InvalidJSON",
+    "model_of_form",
+    "model_span",
+    "parse_json",
+    "scan_json",
+]
 
 PARSE_LIMIT = 64 * 1024
 _MAX_MODEL = 256  # a model name longer than this is not one; route as if none was given
@@ -96,6 +103,29 @@ def _escaped(body: bytes, pos: int) -> bool:
 
 def scan_json(body: bytes) -> str | None:
     """Check a large JSON body's outline and return its top-level model (or None)."""
+    start, end = _outline(body)
+    at = _model_value(body, start, end)
+    if at is None:
+        return parse_json(body)  # built to be expensive to scan: the full parse decides
+    return None if at < 0 else _string_at(body, at)
+
+
+def model_span(body: bytes) -> tuple[int, int] | None:
+    """Where the top-level model's value is written, quotes included: ``body[start:end]``,
+    found as ``scan_json`` finds it, for a caller that replaces it (routes, ``_rewrite``).
+    None when the scan cannot tell (no plain top-level ``"model"`` key, a value that is not a
+    string, more candidates than it looks at): parse the body instead. Raises
+    :class:`InvalidJSON` for a body that is not one object."""
+    start, end = _outline(body)
+    at = _model_value(body, start, end)
+    if at is None or at < 0:
+        return None
+    value = _STRING.match(body, at)
+    return None if value is None else (at, value.end())
+
+
+def _outline(body: bytes) -> tuple[int, int]:
+    """The object's first and past-last byte, whitespace aside; or InvalidJSON."""
     start, end = 0, len(body)
     while start < end and body[start] in b" \t\r\n":
         start += 1
@@ -103,17 +133,23 @@ def scan_json(body: bytes) -> str | None:
         end -= 1
     if end - start < 2 or body[start] != 0x7B or body[end - 1] != 0x7D:
         raise InvalidJSON  # a request body is one object; truncation shows at its end
+    return start, end
+
+
+def _model_value(body: bytes, start: int, end: int) -> int | None:
+    """Where the top-level ``"model"`` key's value starts; -1: there is none; None: more
+    candidates than ``_MAX_CANDIDATES`` (the caller parses)."""
     # From the end: the last top-level key wins (as in json.loads), and SDKs write "model"
     # after "messages", so the first candidate is usually the answer.
     pos = body.rfind(_MODEL_KEY, start, end)
     for _ in range(_MAX_CANDIDATES):
         if pos < 0:
-            return None
+            return -1
         colon = None if _escaped(body, pos) else _COLON.match(body, pos + len(_MODEL_KEY))
         if colon is not None and _top_level(body, start, pos, colon.end(), end):
-            return _string_at(body, colon.end())
+            return colon.end()
         pos = body.rfind(_MODEL_KEY, start, pos + len(_MODEL_KEY) - 1)
-    return parse_json(body)  # built to be expensive to scan: the full parse decides
+    return None
 
 
 def model_of_form(body: bytes, content_type: str) -> str | None:

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 from sideproxy.proxy._errors import BadRequest, NotFound
 from sideproxy.proxy._model import PARSE_LIMIT, InvalidJSON, model_of_form, parse_json, scan_json
+from sideproxy.proxy._rewrite import with_model
 
 if TYPE_CHECKING:
     from sideproxy.proxy._compile import Compiled, Upstream
     from sideproxy.proxy._exchange import Inbound
 
-__all__ = ["Route", "resolve"]
+__all__ = ["Route", "anthropic_shaped", "json_body", "resolve", "retarget"]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Requests that change nothing at the provider but the bill, so they may be sent again after a
@@ -46,7 +47,7 @@ _OPENAI_STREAMS = ("/chat/completions", "/completions")
 class Route:
     """Where one request goes and what it allows; made once per request."""
 
-    __slots__ = ("model", "replayable", "terminator", "upstream", "url")
+    __slots__ = ("body", "model", "replayable", "terminator", "upstream", "url")
 
     def __init__(
         self,
@@ -55,6 +56,8 @@ class Route:
         model: str | None,
         replayable: bool,
         terminator: bytes | None,
+        *,
+        body: bytes = b"",
     ) -> None:
         self.upstream = upstream
         self.url = url
@@ -62,6 +65,28 @@ class Route:
         self.replayable = replayable
         # The final event a 200 SSE stream must end with ([DONE], message_stop), or None.
         self.terminator = terminator
+        self.body = body  # what is sent upstream: the client's bytes, or a route target's
+
+
+def retarget(route: Route, upstream: Upstream, rest: str, query: str, model: str) -> Route:
+    """The same request for a route target (``_targets``): its provider's URL and stream end,
+    and the body with the target's model in place of the client's (``_rewrite``)."""
+    body = route.body
+    if route.model is not None and route.model != model:
+        body = with_model(body, route.model, model)
+    return Route(
+        upstream,
+        _url(upstream, rest, query),
+        model,
+        route.replayable,
+        _terminator(upstream, rest),
+        body=body,
+    )
+
+
+def anthropic_shaped(rest: str) -> bool:
+    """Is this an Anthropic Messages request (routes send it to Anthropic targets only)?"""
+    return rest.startswith("/messages")
 
 
 def upstream_of(compiled: Compiled, prefix: str | None) -> Upstream:
@@ -81,17 +106,26 @@ def upstream_of(compiled: Compiled, prefix: str | None) -> Upstream:
 
 
 def resolve(inbound: Inbound, upstream: Upstream, rest: str, query: str) -> Route:
-    url = upstream.base + rest
-    if query:
-        url += "?" + query
-    terminator: bytes | None = None
-    if upstream.anthropic:
-        if rest.endswith("/messages"):
-            terminator = b"message_stop"
-    elif rest.endswith(_OPENAI_STREAMS):
-        terminator = b"[DONE]"
     replayable = inbound.method in _SAFE_METHODS or rest in _REPLAYABLE_PATHS
-    return Route(upstream, url, model_of(inbound), replayable, terminator)
+    return Route(
+        upstream,
+        _url(upstream, rest, query),
+        model_of(inbound),
+        replayable,
+        _terminator(upstream, rest),
+        body=inbound.body,
+    )
+
+
+def _url(upstream: Upstream, rest: str, query: str) -> str:
+    url = upstream.base + rest
+    return url + "?" + query if query else url
+
+
+def _terminator(upstream: Upstream, rest: str) -> bytes | None:
+    if upstream.anthropic:
+        return b"message_stop" if rest.endswith("/messages") else None
+    return b"[DONE]" if rest.endswith(_OPENAI_STREAMS) else None
 
 
 def model_of(inbound: Inbound) -> str | None:
@@ -102,7 +136,7 @@ def model_of(inbound: Inbound) -> str | None:
     headers = inbound.headers
     ctype = (headers.get("content-type") or "").partition(";")
     media = ctype[0].strip().lower()
-    if media == "application/json" or media.endswith("+json"):
+    if _is_json(media):
         if "content-encoding" in headers:
             return None  # compressed: the provider's to read
         try:
@@ -112,3 +146,13 @@ def model_of(inbound: Inbound) -> str | None:
     if media == "multipart/form-data":
         return model_of_form(body, ctype[2])
     return None
+
+
+def _is_json(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
+
+
+def json_body(inbound: Inbound) -> bool:
+    """Does the request carry a JSON body (the only kind a route rewrites)?"""
+    media = (inbound.headers.get("content-type") or "").partition(";")[0].strip().lower()
+    return _is_json(media)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import socket
@@ -139,9 +140,11 @@ class KubeSource:
                         yield event
                         continue
                     if not channel.listed.is_set():
-                        # A starting replica learns the fleet's health before its first request.
-                        async with asyncio.timeout(_INITIAL_REPORTS_TIMEOUT):
-                            await channel.listed.wait()
+                        # A starting replica learns the fleet's health before its first request;
+                        # a slow or refusing API server only delays that, never the table.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(_INITIAL_REPORTS_TIMEOUT):
+                                await channel.listed.wait()
                     table, material = event
                     yield Snapshot(table, material, origin)
                     # The app has configured its pool with this table (the consumer applies an

@@ -98,7 +98,9 @@ def _container(kube: KubeCluster, namespace: str, deployment: str) -> dict[str, 
 
 def _env_of(container: dict[str, Any], pod: str, namespace: str) -> dict[str, str]:
     """The container's env as the kubelet would resolve it for a pod named ``pod``."""
-    fields = {"metadata.name": pod, "metadata.namespace": namespace}
+    # No kubelet here, so no Pod: an empty uid, as for a process outside a pod (no ownerReference
+    # to a Pod that does not exist, which the garbage collector would act on).
+    fields = {"metadata.name": pod, "metadata.namespace": namespace, "metadata.uid": ""}
     env: dict[str, str] = {}
     for var in container.get("env", []):
         if "value" in var:

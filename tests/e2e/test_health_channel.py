@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 
 from sideproxy.models import POOL_LABEL
-from tests.e2e.cluster import GROUP, POOL, VERSION, Loop
+from tests.e2e.cluster import GROUP, POOL, VERSION, Loop, values
 from tests.e2e.procs import ProxyProc, burst, failures, wait_until
 
 pytestmark = pytest.mark.kube
@@ -229,3 +229,33 @@ def test_an_identity_outside_the_proxy_grant_cannot_change_health(loop: Loop) ->
     after = loop.key_status("key-1")
     for field in ("phase", "cooldownUntil", "rateLimitedCount"):
         assert after.get(field) == status_before.get(field), field
+
+
+def test_a_replica_without_report_rights_still_serves_its_table(bare_loop: Loop) -> None:
+    """An old Role (no replicareports): the health channel is refused, logged and retried, and
+    the replica serves configuration as before instead of waiting for it."""
+    loop = bare_loop
+    loop.apply_pool(values(2))
+    loop.start_operator()
+    loop.wait_table(lambda t: len(t.keys) == 2, 60, "the table")
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "old-proxy"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["configmaps"],
+             "resourceNames": [f"{POOL}-routing"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["secrets"],
+             "resourceNames": [f"{POOL}-keys"], "verbs": ["get", "list", "watch"]},
+        ],
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "old-proxy"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "old-proxy"},
+        "subjects": [{"kind": "ServiceAccount", "name": "old-proxy", "namespace": loop.ns}],
+    }  # fmt: skip
+    loop.apply([role, binding])
+    (old,) = loop.start_proxies(["old"], loop.kube.service_account_kubeconfig(loop.ns, "old-proxy"))
+    old.wait_ready(timeout=60)
+    assert not failures(burst(old.port, 4, concurrency=1))
+    wait_until(lambda: "HTTP 403" in old.text(), 30, "the refused report channel in the log")

@@ -118,8 +118,9 @@ def test_crds_are_established_and_explained(kube: KubeCluster, crds: None) -> No
     weight = kube.wait_for(lambda: explain("poolkey.spec.weight"), timeout=30)
     assert "Share of the tier's traffic" in weight
     assert "Default: 1. Range: >= 0, <= 1000." in weight
-    name = kube.wait_for(lambda: explain("creditpool.spec.providers.name"), timeout=30)
-    assert "Provider served by this pool. One of: groq, openai," in name
+    kind = kube.wait_for(lambda: explain("creditpool.spec.providers.type"), timeout=30)
+    assert "Provider served by this endpoint" in kind
+    assert "One of: groq, openai," in kind
 
 
 def test_examples_apply(kube: KubeCluster, crds: None, namespace: str) -> None:
