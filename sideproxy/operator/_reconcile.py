@@ -25,6 +25,7 @@ status and every other key are written as usual.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -177,6 +178,7 @@ class Reconciler:
         self._orphaned: dict[PoolId, float] = {}  # pool gone since (clock)
         self._announced: set[PoolId] = set()  # orphaned pools whose Event is posted
         self._failures: Counter[PoolId] = Counter()  # consecutive runs with failed key writes
+        self._report_health: dict[tuple[str, str], str] = {}  # what each report last said
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop; reconciles already running get ``grace`` seconds to finish first."""
@@ -216,9 +218,21 @@ class Reconciler:
 
     def report_event(self, body: Mapping[str, Any], deleted: bool) -> None:
         """A ReplicaReport was listed, changed or deleted: its pool folds it (not urgently:
-        the replicas learn health from the reports themselves; this is for ``kubectl``)."""
+        the replicas learn health from the reports themselves; this is for ``kubectl``).
+
+        Only a change of what the fold reads pokes the pool: a busy replica rewrites its report
+        for heartbeats and virtual-key usage up to 10 times a second, and each of those would
+        otherwise cost a whole-pool reconcile."""
         meta = body.get("metadata") or {}
         namespace = str(meta.get("namespace", "")) if isinstance(meta, Mapping) else ""
+        slot = (namespace, str(meta.get("name", "")) if isinstance(meta, Mapping) else "")
+        if deleted:
+            self._report_health.pop(slot, None)
+        else:
+            health = _report_health(body)
+            if self._report_health.get(slot) == health:
+                return
+            self._report_health[slot] = health
         self.workers.poke((namespace, report_pool(body)))
 
     def pool_event(self, body: Mapping[str, Any], deleted: bool) -> None:
@@ -729,4 +743,27 @@ def _keys_written(failed: Mapping[str, str]) -> Cond:
         "False",
         "StatusWriteFailed",
         f"could not write the status of {len(names)} PoolKey(s): {shown} ({first}); retrying",
+    )
+
+
+# Report fields that change without changing what the fold reads (liveness and usage).
+_REPORT_CHATTER = frozenset({"heartbeat", "usageHeartbeat", "virtualKeys", "windowSeconds"})
+
+
+def _report_health(body: Mapping[str, Any]) -> str:
+    """What the fold reads of a report, as one comparable string (its spec without chatter,
+    its labels and whether it is being deleted)."""
+    spec = body.get("spec")
+    meta = body.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    return json.dumps(
+        [
+            {k: v for k, v in spec.items() if k not in _REPORT_CHATTER}
+            if isinstance(spec, Mapping)
+            else spec,
+            meta.get("labels"),
+            bool(meta.get("deletionTimestamp")),
+        ],
+        sort_keys=True,
+        default=str,
     )
