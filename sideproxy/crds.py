@@ -44,6 +44,8 @@ from sideproxy.models import (
     CreditPoolStatus,
     PoolKeySpec,
     PoolKeyStatus,
+    VirtualKeySpec,
+    VirtualKeyStatus,
 )
 from sideproxy.wire import KIND as REPORT_KIND
 from sideproxy.wire import PLURAL as REPORT_PLURAL
@@ -451,10 +453,65 @@ REPLICA_REPORT = CrdInfo(
     selectable=(".spec.pool",),
 )
 
-CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY, REPLICA_REPORT)
+VIRTUAL_KEY = CrdInfo(
+    kind="VirtualKey",
+    plural="virtualkeys",
+    singular="virtualkey",
+    short_names=("vk",),
+    spec=VirtualKeySpec,
+    status=VirtualKeyStatus,
+    description=(
+        "A VirtualKey is one client identity of a CreditPool: the value it sends (in a Secret; "
+        "only its SHA-256 digest reaches the proxies), the models it may use, its per-minute "
+        "and concurrency limits (held across every proxy replica together) and its usage."
+    ),
+    spec_description="Which pool, where the value lives, which models, which limits.",
+    status_description="Written by the operator: Ready, this minute's and total usage.",
+    columns=(
+        _column("Pool", ".spec.pool"),
+        _column(
+            "Ready",
+            '.status.conditions[?(@.type=="Ready")].status',
+            description="Whether the key authenticates clients.",
+        ),
+        _column("RPM", ".spec.limits.requestsPerMinute", "integer", "Requests per minute limit."),
+        _column("TPM", ".spec.limits.tokensPerMinute", "integer", "Tokens per minute limit."),
+        _column("Concurrent", ".spec.limits.maxConcurrent", "integer", "In-flight limit."),
+        _column(
+            "Requests",
+            ".status.currentMinute.requests",
+            "integer",
+            "Requests in the current minute (status.minute), all replicas.",
+        ),
+        _column(
+            "Tokens",
+            ".status.currentMinute.tokens",
+            "integer",
+            "Tokens in the current minute, all replicas.",
+        ),
+        _column("Models", ".spec.models", description="Models it may use.", priority=1),
+        _column("Last-Used", ".status.lastUsed", description="Last request.", priority=1),
+        _AGE,
+        _column(
+            "Message",
+            '.status.conditions[?(@.type=="Ready")].message',
+            description="Why the key is (not) ready.",
+            priority=1,
+        ),
+    ),
+    root_rules=(
+        {
+            "rule": "size(self.metadata.name) <= 63",
+            "message": "a VirtualKey name has at most 63 characters: it is a metric label",
+        },
+    ),
+    selectable=(".spec.pool",),
+)
+
+CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY, REPLICA_REPORT, VIRTUAL_KEY)
 # The kinds users write, in the field reference of docs/kubernetes.md. A ReplicaReport is
 # written by the proxy and described in docs/cluster-loop.md.
-USER_CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY)
+USER_CRDS: tuple[CrdInfo, ...] = (CREDIT_POOL, POOL_KEY, VIRTUAL_KEY)
 
 
 def _root_schema(info: CrdInfo) -> dict[str, Any]:

@@ -663,6 +663,10 @@ class ReportCounts(_Model):
 
     rate_limited: Annotated[int, Field(default=0, ge=0, description="429 answers.")]
     exhausted: Annotated[int, Field(default=0, ge=0, description="Out-of-quota answers.")]
+    prompt_tokens: Annotated[int, Field(default=0, ge=0, description="Prompt tokens served.")]
+    completion_tokens: Annotated[
+        int, Field(default=0, ge=0, description="Completion tokens served.")
+    ]
 
 
 class AppliedReport(ReportCounts):
@@ -743,6 +747,23 @@ class PoolKeyStatus(_Model):
     rate_limited_count: Annotated[
         int, Field(default=0, ge=0, description="429s reported by proxies since creation.")
     ]
+    prompt_tokens: Annotated[
+        int,
+        Field(
+            default=0,
+            ge=0,
+            description="Prompt tokens of the answers this key served since creation, as the "
+            "provider's 'usage' reported them (summed from proxies' reports).",
+        ),
+    ]
+    completion_tokens: Annotated[
+        int,
+        Field(
+            default=0,
+            ge=0,
+            description="Completion tokens of the answers this key served since creation.",
+        ),
+    ]
     fingerprint: Annotated[
         str | None,
         Field(default=None, description="First 8 hex digits of the key's SHA-256."),
@@ -780,6 +801,121 @@ class CreditPoolStatus(_Model):
     conditions: Annotated[list[Condition], _CONDITIONS_FIELD]
 
 
+# --------------------------------------------------------------------------- VirtualKey
+
+
+class VirtualKeyLimits(_Model):
+    requests_per_minute: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=100_000_000,
+            description="Requests admitted per calendar minute (UTC), across every proxy "
+            "replica together. Unset: no limit.",
+        ),
+    ]
+    tokens_per_minute: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=10_000_000_000,
+            description="Prompt + completion tokens per calendar minute, as the provider's "
+            "'usage' reports them, across every replica. A request is refused once the minute's "
+            "tokens reached the limit (the request that crosses it is not cut off). Unset: no "
+            "limit.",
+        ),
+    ]
+    max_concurrent: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=1_000_000,
+            description="Requests in flight at once, across every replica. Unset: no limit.",
+        ),
+    ]
+
+
+class VirtualKeySpec(_Model):
+    pool: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=63,
+            description="Name of the CreditPool (same namespace) this client may use.",
+        ),
+    ]
+    secret_ref: Annotated[
+        SecretKeyRef,
+        Field(
+            description="Where the value this client sends lives ('Authorization: Bearer <value>' "
+            "or 'x-api-key'). Only its SHA-256 digest leaves the Secret."
+        ),
+    ]
+    models: Annotated[
+        list[Annotated[str, Field(pattern=MODEL_PATTERN, max_length=256)]],
+        Field(
+            default_factory=list,
+            max_length=MAX_KEY_MODELS,
+            description="Models this client may ask for: exact names and '*' globs. Empty: every "
+            "model. Any other model gets 403 model_not_allowed without an upstream attempt.",
+        ),
+    ]
+    limits: Annotated[
+        VirtualKeyLimits,
+        Field(
+            default_factory=VirtualKeyLimits,
+            description="Per-minute and concurrency limits; over one, 429 virtual_key_limit.",
+        ),
+    ]
+    disabled: Annotated[
+        bool, Field(default=False, description="Refuse this client (401) without deleting it.")
+    ]
+
+
+class VirtualKeyUsage(_Model):
+    requests: Annotated[int, Field(default=0, ge=0, description="Requests admitted.")]
+    prompt_tokens: Annotated[
+        int, Field(default=0, ge=0, description="Prompt (input) tokens the provider reported.")
+    ]
+    completion_tokens: Annotated[
+        int,
+        Field(default=0, ge=0, description="Completion (output) tokens the provider reported."),
+    ]
+    tokens: Annotated[int, Field(default=0, ge=0, description="promptTokens + completionTokens.")]
+
+
+class VirtualKeyStatus(_Model):
+    minute: Annotated[
+        str | None,
+        Field(default=None, description="Start of the minute 'currentMinute' counts (RFC 3339)."),
+    ]
+    current_minute: Annotated[
+        VirtualKeyUsage,
+        Field(
+            default_factory=VirtualKeyUsage,
+            description="Usage in that minute, summed over every replica's report.",
+        ),
+    ]
+    total: Annotated[
+        VirtualKeyUsage,
+        Field(default_factory=VirtualKeyUsage, description="Usage since the key was created."),
+    ]
+    last_used: Annotated[
+        str | None, Field(default=None, description="When a request last used it (RFC 3339).")
+    ]
+    fingerprint: Annotated[
+        str | None,
+        Field(default=None, description="First 8 hex digits of the value's SHA-256."),
+    ]
+    observed_generation: Annotated[
+        int | None, Field(default=None, description="metadata.generation last reconciled.")
+    ]
+    conditions: Annotated[list[Condition], _CONDITIONS_FIELD]
+
+
 # --------------------------------------------------------------------------- routing table
 
 
@@ -803,6 +939,17 @@ class TableKey(_Model):
     # in the table, and proxies ignore these. Kept only until the operator stops reading them.
     state: KeyState = KeyState.READY
     cooldown_until: float | None = None
+
+
+class TableVirtualKey(_Model):
+    """A VirtualKey as every proxy replica needs it: its digest, never its value."""
+
+    name: str = Field(min_length=1, description="VirtualKey name.")
+    # SHA-256 of the value, hex. A digest is not key material (it cannot be sent as a key), but
+    # it is a guess-checker for a weak value: VirtualKey values should be long random strings.
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: list[str] | None = None  # None: every model (and a shorter table)
+    limits: VirtualKeyLimits | None = None  # None: no limit
 
 
 class TableSettings(_Model):
@@ -846,6 +993,9 @@ class RoutingTable(_Model):
     settings: TableSettings = Field(default_factory=TableSettings)
     keys: list[TableKey] = Field(default_factory=list)
     routes: list[TableRoute] | None = None
+    # None (not []) when the pool has no VirtualKeys, so a table without them keeps the JSON
+    # and the hash it had before VirtualKeys existed.
+    virtual_keys: list[TableVirtualKey] | None = None
 
     def content_hash(self) -> str:
         body = self.model_dump(by_alias=True, mode="json", exclude={"version", "hash"})
@@ -855,6 +1005,8 @@ class RoutingTable(_Model):
             del body["routes"]
         if body["settings"]["types"] is None:
             del body["settings"]["types"]
+        if body["virtualKeys"] is None:
+            del body["virtualKeys"]
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -876,6 +1028,11 @@ class RoutingTable(_Model):
         names = [key.name for key in table.keys]
         if len(names) != len(set(names)):
             raise ValueError("routing table names a key twice")
+        virtual = table.virtual_keys or []
+        if len({v.name for v in virtual}) != len(virtual):
+            raise ValueError("routing table names a virtual key twice")
+        if len({v.digest for v in virtual}) != len(virtual):
+            raise ValueError("routing table holds one virtual key digest twice")
         return table
 
 
@@ -918,3 +1075,8 @@ def compact_cooling(
 def fingerprint(secret: str) -> str:
     """The short, non-reversible name of a key value that may appear anywhere."""
     return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def digest(secret: str) -> str:
+    """A virtual key value's whole SHA-256 (hex): what the routing table carries for it."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()

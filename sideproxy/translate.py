@@ -32,6 +32,9 @@ from sideproxy.models import (
     TableRoute,
     TableSettings,
     TableTarget,
+    TableVirtualKey,
+    VirtualKeySpec,
+    digest,
     fingerprint,
 )
 
@@ -42,10 +45,19 @@ SecretData = Mapping[str, Mapping[str, str]]  # Secret name -> decoded data
 
 
 @dataclass(frozen=True, slots=True)
+class VirtualKeyInput:
+    name: str
+    spec: VirtualKeySpec
+    generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PoolInput:
     name: str
     namespace: str
     spec: CreditPoolSpec
+    # The VirtualKeys that name this pool (others are ignored): client identities with limits.
+    virtual_keys: tuple[VirtualKeyInput, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +80,22 @@ class KeyVerdict:
 
 
 @dataclass(frozen=True, slots=True)
+class VirtualKeyVerdict:
+    """What the operator writes to one VirtualKey's Ready condition (and an Event when not)."""
+
+    ready: bool
+    reason: str
+    message: str  # names objects and fields, never a value
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Translation:
     table: RoutingTable  # unsealed: version 0, no hash
     material: dict[str, str] = field(repr=False)  # Secret data key -> value; never log this
     verdicts: dict[str, KeyVerdict]
     problems: list[str]  # pool-level: each one a sentence for a condition message
+    virtual_verdicts: dict[str, VirtualKeyVerdict] = field(default_factory=dict)
 
     @property
     def usable_keys(self) -> int:
@@ -155,13 +178,9 @@ def translate(
             )
         )
 
+    identities, virtual_verdicts = _virtual_keys(pool, secrets)
     auth = spec.client_auth
-    if not auth.disabled and auth.secret_ref is not None:
-        virtual, problem = _resolve(secrets, auth.secret_ref.name, auth.secret_ref.key)
-        if virtual is None:
-            problems.append(f"clientAuth: {problem}; every client will be refused")
-        else:
-            material[VIRTUAL_KEYS_DATA_KEY] = virtual
+    _anonymous_keys(spec, secrets, material, problems)
 
     table = RoutingTable(
         pool=pool.name,
@@ -176,10 +195,12 @@ def translate(
             retry=spec.retry,
             timeouts=spec.timeouts,
             breaker=spec.breaker,
-            client_auth_required=not auth.disabled,
+            # A VirtualKey's limits would mean nothing if a client could send no key at all.
+            client_auth_required=not auth.disabled or bool(virtual_verdicts),
         ),
         keys=table_keys,
         routes=[_table_route(route) for route in spec.routes] or None,
+        virtual_keys=identities or None,
     )
     size = len(table.sealed(1).to_json())
     if size > TABLE_SIZE_LIMIT:
@@ -191,7 +212,69 @@ def translate(
     # the verdicts (PoolKey status) still say which keys rest.
     if not any(verdicts[k.name].phase is KeyPhase.READY and k.weight > 0 for k in table_keys):
         problems.append("no usable key: every PoolKey is missing, invalid, disabled or resting")
-    return Translation(table, material, verdicts, problems)
+    return Translation(table, material, verdicts, problems, virtual_verdicts)
+
+
+def _anonymous_keys(
+    spec: CreditPoolSpec, secrets: SecretData, material: dict[str, str], problems: list[str]
+) -> None:
+    """``clientAuth.secretRef``: keys without a name or limits, into ``material``."""
+    auth = spec.client_auth
+    if not auth.disabled and auth.secret_ref is not None:
+        virtual, problem = _resolve(secrets, auth.secret_ref.name, auth.secret_ref.key)
+        if virtual is None:
+            problems.append(f"clientAuth: {problem}; every client will be refused")
+        else:
+            material[VIRTUAL_KEYS_DATA_KEY] = virtual
+
+
+def _virtual_keys(
+    pool: PoolInput, secrets: SecretData
+) -> tuple[list[TableVirtualKey], dict[str, VirtualKeyVerdict]]:
+    """The pool's VirtualKeys as table entries (digests only) and one verdict each.
+
+    A key whose Secret is missing or empty, or whose value another key (first by name) already
+    holds, authenticates nothing: two identities behind one value would make limits ambiguous.
+    """
+    entries: list[TableVirtualKey] = []
+    verdicts: dict[str, VirtualKeyVerdict] = {}
+    owner: dict[str, str] = {}  # digest -> VirtualKey name
+    for vk in sorted(pool.virtual_keys, key=lambda v: v.name):
+        if vk.spec.pool != pool.name:
+            continue
+        if vk.spec.disabled:
+            verdicts[vk.name] = VirtualKeyVerdict(False, "Disabled", "spec.disabled is true")
+            continue
+        ref = vk.spec.secret_ref
+        value, problem = _resolve(secrets, ref.name, ref.key)
+        if value is None:
+            verdicts[vk.name] = VirtualKeyVerdict(
+                False, "SecretNotResolved", f"{problem}; this key authenticates nothing"
+            )
+            continue
+        hexdigest, print_ = digest(value), fingerprint(value)
+        if hexdigest in owner:
+            verdicts[vk.name] = VirtualKeyVerdict(
+                False,
+                "DuplicateValue",
+                f"holds the same value as VirtualKey {owner[hexdigest]!r}; this key "
+                "authenticates nothing",
+                print_,
+            )
+            continue
+        owner[hexdigest] = vk.name
+        limits = vk.spec.limits
+        has_limits = limits.model_dump(exclude_none=True) != {}
+        entries.append(
+            TableVirtualKey(
+                name=vk.name,
+                digest=hexdigest,
+                models=list(vk.spec.models) or None,
+                limits=limits if has_limits else None,
+            )
+        )
+        verdicts[vk.name] = VirtualKeyVerdict(True, "Ready", "authenticates clients", print_)
+    return entries, verdicts
 
 
 class RouteError(ValueError):
@@ -308,6 +391,7 @@ def from_manifests(
     """
     pools: list[PoolInput] = []
     keys: list[KeyInput] = []
+    virtual: list[VirtualKeyInput] = []
     secrets: dict[str, dict[str, str]] = {}
     for doc in documents:
         if not doc:
@@ -329,6 +413,9 @@ def from_manifests(
                 pools.append(PoolInput(name, str(meta.get("namespace", "")), spec))
             elif kind == "PoolKey" and api_version.startswith(API_GROUP + "/"):
                 keys.append(KeyInput(name, PoolKeySpec.model_validate(doc.get("spec") or {})))
+            elif kind == "VirtualKey" and api_version.startswith(API_GROUP + "/"):
+                spec_ = VirtualKeySpec.model_validate(doc.get("spec") or {})
+                virtual.append(VirtualKeyInput(name, spec_))
             else:
                 raise ManifestError(f"{where}: unsupported apiVersion/kind {api_version}/{kind}")
         except ValidationError as exc:
@@ -338,7 +425,12 @@ def from_manifests(
     if len(pools) != 1:
         wanted = f" named {pool_name!r}" if pool_name else ""
         raise ManifestError(f"expected exactly one CreditPool{wanted}, found {len(pools)}")
-    return pools[0], keys, secrets
+    names = [vk.name for vk in virtual]
+    if len(names) != len(set(names)):
+        raise ManifestError("two VirtualKeys have the same metadata.name")
+    pool = pools[0]
+    mine = tuple(vk for vk in virtual if vk.spec.pool == pool.name)
+    return PoolInput(pool.name, pool.namespace, pool.spec, mine), keys, secrets
 
 
 def _secret_data(doc: Mapping[str, Any], where: str) -> dict[str, str]:

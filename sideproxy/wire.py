@@ -70,6 +70,7 @@ __all__ = [
     "ReplicaReport",
     "ReplicaReportSpec",
     "ReplicaReportStatus",
+    "VirtualKeyUsage",
     "default_namespace",
     "parse_report",
     "pool_selector",
@@ -157,6 +158,12 @@ class KeyCounts(_Wire):
     rate_limited: Annotated[int, Field(default=0, ge=0, description="429 answers (rate limits).")]
     exhausted: Annotated[int, Field(default=0, ge=0, description="Out-of-quota answers.")]
     unauthorized: Annotated[int, Field(default=0, ge=0, description="401/403 answers.")]
+    # Tokens of the answers this key served, as the provider's 'usage' reported them (additive:
+    # the operator's fold sums them into PoolKey.status like the other counters).
+    prompt_tokens: Annotated[int, Field(default=0, ge=0, description="Prompt tokens served.")]
+    completion_tokens: Annotated[
+        int, Field(default=0, ge=0, description="Completion tokens served.")
+    ]
 
 
 class KeyReport(_Wire):
@@ -198,6 +205,49 @@ class KeyReport(_Wire):
     ]
 
 
+class VirtualKeyUsage(_Wire):
+    """One VirtualKey on one replica: its usage and its claim in the current window (see
+    ``sideproxy/proxy/_admit.py``), and cumulative counts since the replica started."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, description="The VirtualKey.")]
+    window_start: Annotated[
+        float,
+        Field(ge=0, allow_inf_nan=False, description="Start of the window (unix seconds)."),
+    ]
+    requests: Annotated[int, Field(default=0, ge=0, description="Admitted in the window.")]
+    prompt_tokens: Annotated[int, Field(default=0, ge=0, description="In the window.")]
+    completion_tokens: Annotated[int, Field(default=0, ge=0, description="In the window.")]
+    refused: Annotated[
+        int, Field(default=0, ge=0, description="Refused in the window (over a limit).")
+    ]
+    claimed_requests: Annotated[
+        float,
+        Field(
+            default=0.0,
+            ge=0,
+            allow_inf_nan=False,
+            description="Requests of the window this replica may admit (0: no such limit).",
+        ),
+    ]
+    claimed_tokens: Annotated[
+        float,
+        Field(
+            default=0.0,
+            ge=0,
+            allow_inf_nan=False,
+            description="Tokens of the window this replica may use (0: no such limit).",
+        ),
+    ]
+    inflight: Annotated[int, Field(default=0, ge=0, description="Requests in flight now.")]
+    total_requests: Annotated[int, Field(default=0, ge=0, description="Cumulative.")]
+    total_prompt_tokens: Annotated[int, Field(default=0, ge=0, description="Cumulative.")]
+    total_completion_tokens: Annotated[int, Field(default=0, ge=0, description="Cumulative.")]
+    last_used: Annotated[
+        float,
+        Field(default=0.0, ge=0, allow_inf_nan=False, description="Last request (unix seconds)."),
+    ]
+
+
 class ReplicaReportSpec(_Wire):
     pool: Annotated[str, Field(min_length=1, max_length=63, description="The CreditPool.")]
     # 63 (pool) + "-" + 189 = 253, the longest object name: the report's name is never cut.
@@ -217,6 +267,38 @@ class ReplicaReportSpec(_Wire):
             default_factory=list,
             max_length=20_000,
             description="What the replica knows of each key it has something to say about.",
+        ),
+    ]
+    # Virtual keys (issue 12): written by the replica's usage channel with a merge patch of
+    # these three fields only, so it never overwrites what the health writer says above.
+    usage_heartbeat: Annotated[
+        float | None,
+        Field(
+            default=None,
+            ge=0,
+            allow_inf_nan=False,
+            description="Last write of virtualKeys (unix seconds); renewed about every second "
+            "while the replica serves virtual keys. Older than a few seconds: the replica's "
+            "unused claims are free.",
+        ),
+    ]
+    window_seconds: Annotated[
+        float | None,
+        Field(
+            default=None,
+            gt=0,
+            allow_inf_nan=False,
+            description="Length of the limit window (60: a calendar minute).",
+        ),
+    ]
+    # None, not []: the health writer's merge patch (spec.dump(), unset fields left out) must
+    # never carry this field, or each of its writes would erase the replica's claims.
+    virtual_keys: Annotated[
+        list[VirtualKeyUsage] | None,
+        Field(
+            default=None,
+            max_length=20_000,
+            description="Virtual keys used in the current window or in flight.",
         ),
     ]
 

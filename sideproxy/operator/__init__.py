@@ -17,12 +17,15 @@ Module map (all private but :func:`run`)::
     _records    what the indices hold; never a Secret value              (records)
     _leader     Lease leader election                                    (HA)
     _kube       the few raw API calls, with write counters               (I/O)
+    _vkeys      VirtualKeys: records, Ready, usage from ReplicaReports   (issue 12)
 
 RBAC: exactly what the handlers use, per watched namespace (Role) or cluster-wide
 (ClusterRole when ``run([])``)::
 
     sideproxy.dev       creditpools, poolkeys                  list, watch
     sideproxy.dev       creditpools/status, poolkeys/status    patch
+    sideproxy.dev       virtualkeys, replicareports            list, watch
+    sideproxy.dev       virtualkeys/status                     patch
     sideproxy.dev       creditpools/finalizers                 update   (ownerReferences with
                                                                          blockOwnerDeletion, where
                                                                          OwnerReferencesPermission-

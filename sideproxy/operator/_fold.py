@@ -27,7 +27,13 @@ from sideproxy.models import COOLING_MODELS_SHOWN, CreditPoolSpec, KeyPhase
 from sideproxy.operator._status import rfc3339, rfc3339_ms
 from sideproxy.wire import KeyReport
 
-COUNTERS = (("rateLimited", "rateLimitedCount"), ("exhausted", "exhaustedCount"))
+COUNTERS = (
+    ("rateLimited", "rateLimitedCount"),
+    ("exhausted", "exhaustedCount"),
+    # Tokens served (issue 12): folded exactly like the answers, per report high-water marks.
+    ("promptTokens", "promptTokens"),
+    ("completionTokens", "completionTokens"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,8 @@ def _counts(source: Source) -> dict[str, int]:
     return {
         "rateLimited": source.entry.counts.rate_limited,
         "exhausted": source.entry.counts.exhausted,
+        "promptTokens": source.entry.counts.prompt_tokens,
+        "completionTokens": source.entry.counts.completion_tokens,
     }
 
 

@@ -31,6 +31,7 @@ from sideproxy.operator._records import (
     pool_secret_use,
     report_pool,
 )
+from sideproxy.operator._vkeys import VirtualKeyRecord, vkey_secret_use
 from sideproxy.wire import PLURAL as REPORTS
 
 SecretId = tuple[str, str]
@@ -71,6 +72,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
                 key_refs_by_secret=kwargs["key_refs_by_secret"],
                 pool_refs_by_secret=kwargs["pool_refs_by_secret"],
                 reports_by_pool=kwargs["reports_by_pool"],
+                vkeys_by_pool=kwargs["vkeys_by_pool"],
+                vkey_refs_by_secret=kwargs["vkey_refs_by_secret"],
             )
         )
 
@@ -117,6 +120,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     ) -> dict[PoolId, ReportRecord]:
         return {(namespace or "", report_pool(body)): ReportRecord.of(body)}
 
+    register_vkeys(registry, runtime)  # issue 12: VirtualKeys and their usage (_vkeys.py)
+
     # -- triggers -----------------------------------------------------------------------------
 
     @kopf.on.event(API_GROUP, API_VERSION, "poolkeys", id="poolkey_changed", registry=registry)
@@ -135,3 +140,32 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             runtime.reconciler.report_event(body, _deleted(event))
 
     return registry
+
+
+def register_vkeys(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    """VirtualKeys: two indices (by pool, by Secret), their events, and the pool's
+    ReplicaReports for their usage (see ``_vkeys.py``)."""
+
+    @kopf.index(API_GROUP, API_VERSION, "virtualkeys", id="vkeys_by_pool", registry=registry)
+    async def vkeys_by_pool(
+        body: kopf.Body, namespace: str | None, **_: Any
+    ) -> dict[PoolId, VirtualKeyRecord]:
+        record = VirtualKeyRecord.of(body)
+        return {(namespace or "", record.pool): record}
+
+    @kopf.index(API_GROUP, API_VERSION, "virtualkeys", id="vkey_refs_by_secret", registry=registry)
+    async def vkey_refs_by_secret(
+        body: kopf.Body, namespace: str | None, **_: Any
+    ) -> dict[SecretId, SecretUse]:
+        use = vkey_secret_use(body)
+        return {} if use is None else {(namespace or "", use[0]): use[1]}
+
+    @kopf.on.event(API_GROUP, API_VERSION, "virtualkeys", id="vkey_changed", registry=registry)
+    async def vkey_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        if runtime.reconciler is not None:
+            runtime.reconciler.vkey_event(body, _deleted(event))
+
+    @kopf.on.event(API_GROUP, API_VERSION, "replicareports", id="vkey_usage", registry=registry)
+    async def vkey_usage(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        if runtime.reconciler is not None:
+            await runtime.reconciler.report_usage(body, _deleted(event))

@@ -25,11 +25,12 @@ status and every other key are written as usual.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sideproxy.models import (
@@ -69,6 +70,9 @@ from sideproxy.operator._status import (
     status_patch,
 )
 from sideproxy.operator._tables import MANAGED_BY, Owner, TableWrite, write_table
+from sideproxy.operator._vkeys import UsageBook, VirtualKeyRecord, want_secrets
+from sideproxy.operator._vkeys import inputs as vkey_inputs
+from sideproxy.operator._vkeys import write_statuses as write_vkey_statuses
 from sideproxy.translate import (
     KeyInput,
     KeyVerdict,
@@ -99,6 +103,9 @@ class Indices:
     key_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     pool_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     reports_by_pool: Mapping[PoolId, Collection[ReportRecord]]
+    # VirtualKeys (issue 12, see _vkeys.py): by pool, and their Secret references.
+    vkeys_by_pool: Mapping[PoolId, Collection[VirtualKeyRecord]] = field(default_factory=dict)
+    vkey_refs_by_secret: Mapping[SecretId, Collection[SecretUse]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +156,7 @@ class Reconciler:
         self._clock = clock
         self.secrets = SecretCache(api)
         self.desk = ReportDesk(api, self._opt.write_concurrency)
+        self.vkey_usage = UsageBook()
         self.workers: Debouncer[PoolId] = Debouncer(
             self.reconcile,
             quiet=self._opt.quiet_seconds,
@@ -170,6 +178,7 @@ class Reconciler:
         self._orphaned: dict[PoolId, float] = {}  # pool gone since (clock)
         self._announced: set[PoolId] = set()  # orphaned pools whose Event is posted
         self._failures: Counter[PoolId] = Counter()  # consecutive runs with failed key writes
+        self._report_health: dict[tuple[str, str], str] = {}  # what each report last said
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop; reconciles already running get ``grace`` seconds to finish first."""
@@ -209,9 +218,21 @@ class Reconciler:
 
     def report_event(self, body: Mapping[str, Any], deleted: bool) -> None:
         """A ReplicaReport was listed, changed or deleted: its pool folds it (not urgently:
-        the replicas learn health from the reports themselves; this is for ``kubectl``)."""
+        the replicas learn health from the reports themselves; this is for ``kubectl``).
+
+        Only a change of what the fold reads pokes the pool: a busy replica rewrites its report
+        for heartbeats and virtual-key usage up to 10 times a second, and each of those would
+        otherwise cost a whole-pool reconcile."""
         meta = body.get("metadata") or {}
         namespace = str(meta.get("namespace", "")) if isinstance(meta, Mapping) else ""
+        slot = (namespace, str(meta.get("name", "")) if isinstance(meta, Mapping) else "")
+        if deleted:
+            self._report_health.pop(slot, None)
+        else:
+            health = _report_health(body)
+            if self._report_health.get(slot) == health:
+                return
+            self._report_health[slot] = health
         self.workers.poke((namespace, report_pool(body)))
 
     def pool_event(self, body: Mapping[str, Any], deleted: bool) -> None:
@@ -234,6 +255,7 @@ class Reconciler:
         uses = [
             *self._ix.key_refs_by_secret.get((namespace, name), ()),
             *self._ix.pool_refs_by_secret.get((namespace, name), ()),
+            *self._ix.vkey_refs_by_secret.get((namespace, name), ()),
         ]
         if not uses:
             self.secrets.forget(namespace, name)  # unrelated: nothing of it is kept
@@ -270,10 +292,25 @@ class Reconciler:
         # connections), and must not cost more than the usual batching.
         self.workers.poke((namespace, pool))
 
+    def vkey_event(self, body: Mapping[str, Any], deleted: bool) -> None:
+        """A VirtualKey changed: its pool reconciles (table entry, Ready condition)."""
+        record = VirtualKeyRecord.of(body)
+        if record.pool:
+            self.workers.poke((record.ref.namespace, record.pool))
+
+    async def report_usage(self, body: Mapping[str, Any], deleted: bool) -> None:
+        """A ReplicaReport changed: its pool's VirtualKey usage, at a bounded rate."""
+        pool = self.vkey_usage.report_event(body, deleted)
+        now = self._clock()
+        if pool is None or not self.vkey_usage.due(pool, now) or not self._leadership.leading:
+            return
+        await self.vkey_usage.write(self._api, pool, self._ix.vkeys_by_pool.get(pool, ()), now)
+
     def resync(self) -> None:
         """Reconcile everything the indices know (start of leadership)."""
         self._reported.clear()
         pools = {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}
+        pools |= set(self._ix.vkeys_by_pool.keys())
         for pool_id in {*pools, *self._ix.reports_by_pool.keys()}:
             self.workers.poke(pool_id)
 
@@ -304,6 +341,7 @@ class Reconciler:
         pool: PoolRecord | None = _first(self._ix.pools_by_name.get(pool_id))
         reports = list(self._ix.reports_by_pool.get(pool_id, ()))
         if pool is None:
+            await write_vkey_statuses(self._api, self._vkeys(pool_id), {}, now)
             return await self._orphans(pool_id, keys, reports, now)
         self._orphaned.pop(pool_id, None)
         self._announced.discard(pool_id)
@@ -333,8 +371,10 @@ class Reconciler:
         namespace, name = pool_id = (pool.ref.namespace, pool.ref.name)
         stamp = rfc3339(now)
         judged = sort_reports(reports, keys, name, now)
-        translation = await self._translate(pool, keys)
+        vkeys = self._vkeys(pool_id)
+        translation = await self._translate(pool, keys, vkeys)
         written = await self._write_table(pool_id, pool, translation)
+        await write_vkey_statuses(self._api, vkeys, translation.virtual_verdicts, now)
         verdicts, healths = self._health(pool, keys, translation, judged, now)
         marks = {
             (str(m.get("report")), str(m.get("uid")))
@@ -412,7 +452,13 @@ class Reconciler:
             self._versions[pool_id] = max(written.version, self._versions.get(pool_id, 0))
         return written
 
-    async def _translate(self, pool: PoolRecord, keys: list[KeyRecord]) -> Translation:
+    def _vkeys(self, pool_id: PoolId) -> list[VirtualKeyRecord]:
+        found = self._ix.vkeys_by_pool.get(pool_id, ())
+        return [v for v in found if v.ref.namespace == pool_id[0]]
+
+    async def _translate(
+        self, pool: PoolRecord, keys: list[KeyRecord], vkeys: Collection[VirtualKeyRecord] = ()
+    ) -> Translation:
         """translate() of the pool's configuration: no health (status) goes into the table."""
         assert pool.spec is not None
         namespace, name = pool.ref.namespace, pool.ref.name
@@ -424,6 +470,7 @@ class Reconciler:
         auth = pool.spec.client_auth
         if not auth.disabled and auth.secret_ref is not None:
             wanted.setdefault(auth.secret_ref.name, set()).add(auth.secret_ref.key)
+        want_secrets(vkeys, wanted)
         secrets = await self.secrets.resolve(namespace, wanted)
         inputs = [
             KeyInput(key.name, key.spec, None, key.ref.generation)
@@ -431,7 +478,10 @@ class Reconciler:
             if key.spec is not None
         ]
         translation = translate(
-            PoolInput(name, namespace, pool.spec), inputs, secrets, self._clock()
+            PoolInput(name, namespace, pool.spec, vkey_inputs(vkeys)),
+            inputs,
+            secrets,
+            self._clock(),
         )
         del secrets
         for key in keys:
@@ -693,4 +743,27 @@ def _keys_written(failed: Mapping[str, str]) -> Cond:
         "False",
         "StatusWriteFailed",
         f"could not write the status of {len(names)} PoolKey(s): {shown} ({first}); retrying",
+    )
+
+
+# Report fields that change without changing what the fold reads (liveness and usage).
+_REPORT_CHATTER = frozenset({"heartbeat", "usageHeartbeat", "virtualKeys", "windowSeconds"})
+
+
+def _report_health(body: Mapping[str, Any]) -> str:
+    """What the fold reads of a report, as one comparable string (its spec without chatter,
+    its labels and whether it is being deleted)."""
+    spec = body.get("spec")
+    meta = body.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    return json.dumps(
+        [
+            {k: v for k, v in spec.items() if k not in _REPORT_CHATTER}
+            if isinstance(spec, Mapping)
+            else spec,
+            meta.get("labels"),
+            bool(meta.get("deletionTimestamp")),
+        ],
+        sort_keys=True,
+        default=str,
     )

@@ -368,6 +368,9 @@ def create_app(
     )
     metrics = Metrics(pool, clock)
     forwarder = Forwarder(settings, pool, metrics, clock, on_transitions)
+    attach = getattr(source, "attach_admission", None)
+    if callable(attach):  # cluster mode: virtual-key limits shared through ReplicaReports
+        attach(forwarder.admission)
     runtime = ConfigRuntime(
         settings=settings,
         source=source or _NoSource(),

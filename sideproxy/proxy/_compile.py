@@ -138,7 +138,7 @@ def compile_snapshot(snapshot: Snapshot, settings: ProxySettings, now: float) ->
     accepted = list(settings.virtual_keys)
     if ts.client_auth_required:
         accepted += parse_virtual_keys(material.get(VIRTUAL_KEYS_DATA_KEY))
-    virtual = VirtualKeys(accepted, required=required)
+    virtual = VirtualKeys(accepted, required=required, named=table.virtual_keys or ())
 
     timeouts = ts.timeouts
     return Compiled(

@@ -1,7 +1,8 @@
 """The request path, stage by stage, on any transport (see ``_exchange``)::
 
     parse and route      _paths.parse_path, _route: provider, upstream URL, model, replayable
-    authenticate/admit   the virtual key (``_auth``); a model no key serves: 404 model_not_found
+    authenticate/admit   the virtual key (``_auth``), its models and limits (``_admit``); a
+                         model no key serves: 404 model_not_found
     attempt              loop (max_attempts, retry budget), one ``_attempt.Attempt`` per key:
         key = pool.acquire(provider, now, exclude=tried, model=model)   None -> stop
         send upstream with the key's auth header
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition, classify
 from sideproxy.proxy._access import AccessLog
+from sideproxy.proxy._admit import Admission, Ticket, window_from_env
 from sideproxy.proxy._answers import ERROR_CAP, Failure, readable, retry_headers, safe_error
 from sideproxy.proxy._attempt import Attempt, Learn
 from sideproxy.proxy._bodies import is_json, whole_json
@@ -116,6 +118,7 @@ class _Ctx:
         "route",
         "routed",
         "started",
+        "ticket",
     )
     compiled: Compiled  # set by the route stage
     route: Route
@@ -132,6 +135,7 @@ class _Ctx:
         # A key whose 403 waits for another key's answer to the same request (see above).
         self.held: Attempt | None = None
         self.opened: list[Attempt] = []
+        self.ticket: Ticket | None = None  # an admitted virtual key's request
         self.routed: Routed | None = None  # the request's model names a route (issue 13)
 
     def settle_held(self, outcome: Outcome) -> None:
@@ -166,12 +170,25 @@ class Forwarder:
         self.metrics = metrics
         self.clock = clock
         self.on_transitions = on_transitions
-        self.compiled: Compiled | None = None
+        self._compiled: Compiled | None = None
         self.client: UpstreamClient | None = None
         self._buffer_limit = settings.buffer_limit
         self._access = settings.access_log
         self._access_log = AccessLog()
         self._learners: dict[str, Learn] = {}
+        self.admission = Admission(metrics.registry, window=window_from_env(), clock=clock)
+
+    @property
+    def compiled(self) -> Compiled | None:
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, compiled: Compiled | None) -> None:
+        """The app swaps tables here; admission learns the VirtualKeys at the same moment, so
+        the replica watches the others' claims before it admits a request."""
+        self._compiled = compiled
+        if compiled is not None:
+            self.admission.configure(compiled.virtual_keys.limits, compiled_models(compiled))
 
     # ------------------------------------------------------------------ entry points
 
@@ -192,6 +209,8 @@ class Forwarder:
                 status = 499
         finally:
             self.metrics.inflight -= 1
+            if ctx.ticket is not None:
+                ctx.ticket.close(ctx.key.name if ctx.key is not None else None)
             self._account(ctx, status)
 
     async def refuse(self, inbound: Inbound, out: Responder, error: ProxyError) -> None:
@@ -243,12 +262,15 @@ class Forwarder:
             raise NotReady("the proxy has no routing table yet", headers={"Retry-After": "1"})
         inbound = ctx.inbound
         prefix, rest, query = parse_path(inbound.path, inbound.query)
-        if not compiled.virtual_keys.check(inbound.headers):
+        identity = compiled.virtual_keys.identify(inbound.headers)
+        if identity is None:
             raise Unauthorized(_UNAUTHORIZED)
         upstream = upstream_of(compiled, prefix)
         ctx.provider = upstream.provider
         ctx.compiled = compiled
         route = ctx.route = resolve(inbound, upstream, rest, query)
+        # The client's own limits before the pool's: a refusal here touches no key.
+        ctx.ticket = self.admission.admit(identity, route.model)
         if prefix is None and compiled.routes:  # /<provider>/v1/... names its provider
             plan = compiled.routes.plan(route.model, anthropic_shaped(rest))
             if plan is not None:
@@ -413,6 +435,8 @@ class Forwarder:
             raise _MoveOn(failure, ctx.route.replayable)
         attempt.release(Outcome.OK, str(resp.status), resp.headers)
         ctx.settle_held(Outcome.FORBIDDEN)
+        if ctx.ticket is not None:
+            ctx.ticket.usage(payload)
         self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
         await ctx.out.respond(resp.status, response_headers(resp.raw_headers), payload or b"")
         return resp.status
@@ -519,6 +543,8 @@ class Forwarder:
             await end_broken(out, resp, seen, anthropic=anthropic)
             return resp.status
         resp.release()
+        if ctx.ticket is not None:
+            ctx.ticket.usage(seen.window, streamed=True)
         terminator = ctx.route.terminator if resp.status == 200 else None
         if missing_final_event(seen, terminator) and resp.content_type == "text/event-stream":
             # Ended cleanly but short of its final event: a failure of the key, and the client
@@ -593,6 +619,11 @@ class Forwarder:
                 hook(transitions)
             except Exception:
                 log.exception("on_transitions hook failed")
+
+
+def compiled_models(compiled: Compiled) -> set[str]:
+    """The models a table's PoolKeys name: what a ``model`` metric label may say."""
+    return {model for key in compiled.keys for model in key.models}
 
 
 def _warn(key: Key, provider: str, what: str) -> None:

@@ -13,7 +13,7 @@ not hold now (rotated since). Pure: time is an argument.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sideproxy.pool import KeyHealth, KeyStatus, ManagedCreditPool, Transition
@@ -67,6 +67,9 @@ class Ledger:
         self._seen: dict[str, _Seen] = {}
         # name -> (requests, rateLimited, exhausted, unauthorized), each cumulative
         self._counters: dict[str, tuple[_Counter, _Counter, _Counter, _Counter]] = {}
+        # PoolKey name -> [prompt, completion] tokens served since start (issue 12: the
+        # forwarder's admission keeps them, ``Admission.pool_key_tokens``); None: not counted.
+        self.tokens: Mapping[str, Sequence[int]] | None = None
 
     def record(self, transitions: Iterable[Transition]) -> bool:
         """Take in the pool's transitions; True when the report should be written now."""
@@ -136,11 +139,14 @@ class Ledger:
                 _Counter(),
             )
         requests, limited, exhausted, unauthorized = counters
+        tokens = (self.tokens or {}).get(status.name) or (0, 0)
         return KeyCounts(
             requests=requests.total(status.requests),
             rate_limited=limited.total(status.rate_limited),
             exhausted=exhausted.total(status.exhausted),
             unauthorized=unauthorized.total(status.unauthorized),
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
         )
 
 

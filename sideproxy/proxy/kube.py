@@ -42,7 +42,9 @@ from sideproxy.models import (
     routing_configmap_name,
 )
 from sideproxy.pool import ManagedCreditPool, Transition
+from sideproxy.proxy._admit import Admission
 from sideproxy.proxy._replicas import ReportChannel
+from sideproxy.proxy._vkshare import UsageChannel
 from sideproxy.proxy._watch import Lister, follow
 from sideproxy.proxy.sources import Rejected, Snapshot, SourceEvent
 from sideproxy.wire import PodRef, default_namespace, replica_name
@@ -90,6 +92,7 @@ class KubeSource:
         self._clock = clock
         self._target: ManagedCreditPool | None = None
         self.channel: ReportChannel | None = None
+        self._admission: Admission | None = None  # virtual-key limits (issue 12, _vkshare)
 
     def __repr__(self) -> str:
         return f"KubeSource(pool={self.pool!r}, namespace={self.namespace!r})"
@@ -98,6 +101,11 @@ class KubeSource:
         self._target = pool
         if self.channel is not None:
             self.channel.attach(pool)
+
+    def attach_admission(self, admission: Admission) -> None:
+        """The app hands over its virtual-key admission: its usage and claims travel in this
+        replica's ReplicaReport too (``_vkshare.UsageChannel``, merge patches of its fields)."""
+        self._admission = admission
 
     def report(self, transitions: list[Transition]) -> None:
         channel = self.channel
@@ -116,8 +124,16 @@ class KubeSource:
             )
             if self._target is not None:
                 channel.attach(self._target)
+            if self._admission is not None:  # PoolKeys count the tokens they served
+                channel.ledger.tokens = self._admission.pool_key_tokens
             self.channel = channel
             task = asyncio.create_task(channel.run(), name="sideproxy-health-channel")
+            usage = None
+            if self._admission is not None:
+                shares = UsageChannel(
+                    api, namespace, self.pool, replica, self._admission, owner=pod_ref()
+                )
+                usage = asyncio.create_task(shares.run(), name="sideproxy-vkey-usage")
             try:
                 async for event in ClusterSource(api, namespace, self.pool).snapshots():
                     if isinstance(event, Rejected):
@@ -137,7 +153,9 @@ class KubeSource:
             finally:
                 self.channel = None
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                if usage is not None:
+                    usage.cancel()
+                await asyncio.gather(task, *([usage] if usage else []), return_exceptions=True)
 
 
 class ClusterSource:

@@ -75,6 +75,15 @@ EXTRA_INVALID = {
         },
         "a ReplicaReport is named <spec.pool>-<spec.replica>",
     ),
+    "virtual-key-name-over-63": (
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VirtualKey",
+            "metadata": {"name": "v" * 64},
+            "spec": {"pool": "p", "secretRef": {"name": "clients", "key": "batch"}},
+        },
+        "a VirtualKey name has at most 63 characters",
+    ),
 }
 
 
@@ -87,7 +96,7 @@ def test_every_cel_rule_is_refused_with_its_message(
     ]
     expected += [message for _, message in EXTRA_INVALID.values()]
     messages = cel_messages()
-    assert len(messages) == 11, messages  # main's 8 and the routes' 3
+    assert len(messages) == 12, messages  # the pool's 8, the routes' 3, the VirtualKey's 1
     uncovered = [m for m in messages if not any(e in m for e in expected)]
     assert not uncovered, f"CEL rules no invalid case exercises: {uncovered}"
     for name, (doc, message) in EXTRA_INVALID.items():

@@ -184,6 +184,7 @@ def test_crds_are_shipped_in_crds_dir(kube: KubeCluster, tmp_path: Path) -> None
         "creditpools.sideproxy.dev",
         "poolkeys.sideproxy.dev",
         "replicareports.sideproxy.dev",
+        "virtualkeys.sideproxy.dev",
     ]
 
 

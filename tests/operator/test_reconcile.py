@@ -437,3 +437,36 @@ async def test_key_material_over_the_limit_is_a_condition(fake: FakeKube, clock:
     assert conds["TableWritten"]["reason"] == "KeyMaterialTooLarge"
     assert material(fake)["k-a"] == CANARIES[0]
     assert table(fake).version == 1
+
+
+def _report(heartbeat: float, until: float | None, usage: int = 0) -> dict[str, Any]:
+    cooling = [{"model": "m", "until": until}] if until is not None else []
+    return {
+        "apiVersion": "sideproxy.dev/v1alpha1",
+        "kind": "ReplicaReport",
+        "metadata": {"name": "p-r1", "namespace": NS, "labels": {"sideproxy.dev/pool": "p"}},
+        "spec": {
+            "pool": "p",
+            "replica": "r1",
+            "heartbeat": heartbeat,
+            "usageHeartbeat": heartbeat,
+            "virtualKeys": [{"name": "vk", "requests": usage}],
+            "keys": [{"name": "k-a", "fingerprint": "0" * 8, "cooling": cooling}],
+        },
+    }
+
+
+async def test_report_chatter_does_not_trigger(fake: FakeKube, clock: Clock) -> None:
+    """Heartbeats and virtual-key usage rewrite a report many times a second: only a change of
+    what the fold reads (its keys), a new report or a deletion pokes the pool."""
+    rec = reconciler(fake, clock)
+    poked: list[Any] = []
+    rec.workers.poke = poked.append  # type: ignore[method-assign]
+    rec.report_event(_report(100.0, None), deleted=False)
+    assert poked == [(NS, "p")]  # a report seen for the first time
+    rec.report_event(_report(130.0, None, usage=7), deleted=False)
+    assert poked == [(NS, "p")]  # a heartbeat and usage only
+    rec.report_event(_report(131.0, 200.0, usage=9), deleted=False)
+    assert poked == [(NS, "p")] * 2  # a cool-down: the fold has something to do
+    rec.report_event(_report(131.0, 200.0), deleted=True)
+    assert poked == [(NS, "p")] * 3

@@ -158,6 +158,14 @@ authenticated user.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# VirtualKeys (issue 12): indexed and watched like PoolKeys; their status holds Ready and the
+# usage the operator sums from the proxies' ReplicaReports, which it lists and watches.
+- apiGroups: ["sideproxy.dev"]
+  resources: ["virtualkeys", "replicareports"]
+  verbs: ["list", "watch"]
+- apiGroups: ["sideproxy.dev"]
+  resources: ["virtualkeys/status"]
+  verbs: ["patch"]
 {{- end }}
 
 {{/* The operator's leader-election Lease: its name, unique per release. */}}
