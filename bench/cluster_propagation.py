@@ -90,7 +90,9 @@ class Sweeper(threading.Thread):
             return ""
         for key in body.get("keys", []):
             if key["name"] == self.key:
-                return str(key["health"])
+                # Cooling for every model, or for some model (a per-model 429): either way the
+                # key is out for the bench's requests.
+                return "cooling" if key.get("cooling") else str(key["health"])
         return ""
 
     def run(self) -> None:
@@ -188,7 +190,10 @@ def trial(loop: Any, sweeper: Sweeper, tables: ReportWatch, cooldown: float) -> 
 
     # The cool-down ends everywhere before the next trial starts.
     def over() -> bool:
-        return all(p.key("key-1").get("health") == "ready" for p in loop.proxies.values())
+        return all(
+            (k := p.key("key-1")).get("health") == "ready" and not k.get("cooling")
+            for p in loop.proxies.values()
+        )
 
     wait_until(over, cooldown + 10, "the cool-down over everywhere", interval=0.05)
     return result

@@ -754,7 +754,7 @@ class Bench:
                     )
             if 4 in which:
                 for name, t in started.items():
-                    if name in ("direct", "bare", "raw"):  # no pool to cool a key in
+                    if name in ("direct", "bare", "transport", "raw"):  # no pool to cool a key in
                         continue
                     http(f"{upstream}/_fake/limit", b"k2")
                     try:

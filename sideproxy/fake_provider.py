@@ -1196,6 +1196,17 @@ def _parser() -> argparse.ArgumentParser:
         help="per-key rate limit like 5/1s; omit for none (env FAKE_PROVIDER_LIMIT)",
     )
     p.add_argument(
+        "--model-limits",
+        default=env("FAKE_PROVIDER_MODEL_LIMITS", ""),
+        help="per (key, model) limits like big=3/1m,other=10/1s (env FAKE_PROVIDER_MODEL_LIMITS)",
+    )
+    p.add_argument(
+        "--out-of-quota",
+        default=env("FAKE_PROVIDER_OUT_OF_QUOTA", ""),
+        help="comma-separated keys answered 429 insufficient_quota until replenished "
+        "(env FAKE_PROVIDER_OUT_OF_QUOTA)",
+    )
+    p.add_argument(
         "--latency-ms",
         type=float,
         default=float(env("FAKE_PROVIDER_LATENCY_MS", "0")),
@@ -1220,6 +1231,12 @@ def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def _pairs(text: str) -> dict[str, str]:
+    """``big=3/1m,other=10/1s`` -> ``{"big": "3/1m", "other": "10/1s"}``."""
+    pairs = (part.partition("=") for part in _split(text))
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
 async def _serve(args: argparse.Namespace) -> None:
     keys = _split(args.keys) if args.keys is not None else None
     fake = FakeProvider(
@@ -1231,6 +1248,8 @@ async def _serve(args: argparse.Namespace) -> None:
         stream_interval=args.stream_interval_ms / 1000,
         host=args.host,
         port=args.port,
+        model_limits=_pairs(args.model_limits),
+        out_of_quota=_split(args.out_of_quota),
     )
     async with fake:
         print(f"fake provider listening on {fake.base_url}", flush=True)
@@ -1248,6 +1267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         RateLimit.parse(args.limit)
+        for spec in _pairs(args.model_limits).values():
+            RateLimit.parse(spec)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,11 +11,8 @@ one, but never more than ``max_delay`` seconds in all. ``kubectl apply`` of a po
 and Secrets becomes one reconcile; 1,000 keys created one by one become a handful; a steady
 stream of changes still gets written every ``max_delay`` seconds.
 
-:meth:`Debouncer.hurry` is a poke for a change the proxies should see now (a proxy reported a
-cool-down that moves the table): the quiet period shrinks to ``urgent_quiet`` (20 ms, enough to
-catch the reports of the other replicas that saw the same 429 burst) for that one run. The cap
-``max_delay`` still holds, so a storm of reports (1,000 keys cooling at once) is batched like
-any other churn: a run writes the table once for everything that arrived before it started.
+:meth:`Debouncer.close` takes a grace period: work already running finishes (SIGTERM never cuts
+a reconcile in half when it need not), nothing new starts, then the rest is cancelled.
 """
 
 from __future__ import annotations
@@ -55,7 +52,6 @@ class Debouncer(Generic[K]):
         quiet: float = 0.15,
         max_delay: float = 2.0,
         resync: float = 300.0,
-        urgent_quiet: float = 0.02,
         gate: Callable[[], Awaitable[None]] = _always,
         clock: Callable[[], float] = time.time,
         retry_base: float = 0.5,
@@ -63,7 +59,6 @@ class Debouncer(Generic[K]):
     ) -> None:
         self._work = work
         self._quiet = quiet
-        self._urgent_quiet = min(urgent_quiet, quiet)
         self._max_delay = max_delay
         self._resync = resync
         self._gate = gate
@@ -72,7 +67,6 @@ class Debouncer(Generic[K]):
         self._retry_max = retry_max
         self._wakes: dict[K, asyncio.Event] = {}
         self._tasks: dict[K, asyncio.Task[None]] = {}
-        self._urgent: set[K] = set()
         self._busy: set[K] = set()  # keys whose work is running now
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,13 +88,6 @@ class Debouncer(Generic[K]):
             self._tasks[key] = asyncio.create_task(self._run(key, wake), name=f"reconcile {key}")
         wake.set()
 
-    def hurry(self, key: K) -> None:
-        """A poke whose run waits only ``urgent_quiet`` for more (still at most ``max_delay``)."""
-        if self._closed:
-            return
-        self._urgent.add(key)
-        self.poke(key)
-
     async def close(self, grace: float = 0.0) -> None:
         """Take no more pokes; let work already running finish (up to ``grace`` seconds, so a
         SIGTERM never cuts a reconcile in half when it need not); then cancel the rest."""
@@ -116,7 +103,6 @@ class Debouncer(Generic[K]):
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._wakes.clear()
-        self._urgent.clear()
 
     async def _settle(self, key: K, wake: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -126,7 +112,7 @@ class Debouncer(Generic[K]):
             remaining = self._max_delay - (loop.time() - start)
             if remaining <= 0:
                 return
-            quiet = self._urgent_quiet if key in self._urgent else self._quiet
+            quiet = self._quiet
             if quiet <= 0:
                 return
             try:
@@ -146,7 +132,6 @@ class Debouncer(Generic[K]):
             await self._gate()
             if self._closed:
                 await asyncio.Event().wait()  # closing: start nothing new; close() cancels us
-            self._urgent.discard(key)
             self._busy.add(key)
             self._idle.clear()
             try:

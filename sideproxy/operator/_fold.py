@@ -38,6 +38,7 @@ class Source:
     uid: str
     heartbeat: float
     entry: KeyReport
+    stale: bool = False  # its replica stopped renewing it: counts still fold, health does not
 
 
 def _int(value: object) -> int:
@@ -92,6 +93,9 @@ def fold_counts(
     for report in gone:
         if report in marks:
             retire(report)
+    # A mark of nothing says nothing: only reports that counted something are kept (a replica
+    # that reports only requests costs no status write).
+    marks = {name: m for name, m in marks.items() if any(_int(m.get(n)) for n, _ in COUNTERS)}
 
     out: dict[str, Any] = {
         "appliedReports": [marks[name] for name in sorted(marks)] or None,
@@ -144,7 +148,9 @@ def health(
 ) -> Health:
     """The key's health from the live reports' entries about its current value."""
     mine = [
-        s.entry for s in sources if fingerprint is not None and s.entry.fingerprint == fingerprint
+        s.entry
+        for s in sources
+        if not s.stale and fingerprint is not None and s.entry.fingerprint == fingerprint
     ]
     cool_cap = now + spec.cooldown.max_seconds
     models: dict[str, float] = {}

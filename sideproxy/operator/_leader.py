@@ -8,6 +8,14 @@ keeps its indices warm; only the holder of the Lease writes, so a fail-over need
 
 Expiry is judged by the local monotonic clock since the Lease record last *changed* (as
 client-go does), never by comparing our clock with the timestamps another node wrote.
+
+Why not ``kubernetes_asyncio.leaderelection`` (checked against 36.1): it never releases the
+Lease, so after every rolling update the stand-by would wait a whole Lease duration (here the
+leader releases on SIGTERM, after in-flight reconciles finish, and the stand-by takes over at
+once; ``tests/operator/test_leader.py`` and the fail-over tests pin that); its ``run()`` returns
+for good after the first loss (no re-acquire); it refuses a retry period under 1 s; and it runs
+the leader's work as a task it cancels on loss, where here every replica keeps running warm and
+only the writes wait for leadership (``Leadership.wait_leading``).
 """
 
 from __future__ import annotations

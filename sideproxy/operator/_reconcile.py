@@ -70,7 +70,7 @@ from sideproxy.operator._status import (
 )
 from sideproxy.operator._tables import MANAGED_BY, Owner, TableWrite, write_table
 from sideproxy.translate import KeyInput, KeyVerdict, PoolInput, Translation, translate
-from sideproxy.wire import ACCEPTED
+from sideproxy.wire import ACCEPTED, InvalidReport
 
 log = logging.getLogger("sideproxy.operator")
 
@@ -91,10 +91,7 @@ class Indices:
     pools_by_name: Mapping[PoolId, Collection[PoolRecord]]
     key_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
     pool_refs_by_secret: Mapping[SecretId, Collection[SecretUse]]
-    reports_by_pool: Mapping[PoolId, Collection[ReportRecord]] = None  # type: ignore[assignment]
-
-    def reports(self, pool_id: PoolId) -> list[ReportRecord]:
-        return list((self.reports_by_pool or {}).get(pool_id, ()))
+    reports_by_pool: Mapping[PoolId, Collection[ReportRecord]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +101,6 @@ class Options:
     resync_seconds: float = 300.0
     write_concurrency: int = 16
     table_size_limit: int = TABLE_SIZE_LIMIT
-    report_quiet_seconds: float = 0.02
     # A pool that disappears: wait this long before marking its keys orphaned (a namespace
     # deletion removes them meanwhile; a pool deleted and re-created needs no writes at all),
     # then write at most orphan_rate key statuses per second.
@@ -151,7 +147,6 @@ class Reconciler:
             quiet=self._opt.quiet_seconds,
             max_delay=self._opt.max_delay_seconds,
             resync=self._opt.resync_seconds,
-            urgent_quiet=self._opt.report_quiet_seconds,
             gate=self._leadership.wait_leading,
             clock=clock,
         )
@@ -264,13 +259,15 @@ class Reconciler:
         version = str(meta.get("resourceVersion", ""))
         if not deleted and self._written.get(slot) == version:
             return
-        self.workers.hurry((namespace, pool))
+        # A plain poke: the echo of our own write can arrive before our write's answer (two
+        # connections), and must not cost more than the usual batching.
+        self.workers.poke((namespace, pool))
 
     def resync(self) -> None:
         """Reconcile everything the indices know (start of leadership)."""
         self._reported.clear()
         pools = {*self._ix.pools_by_name.keys(), *self._ix.keys_by_pool.keys()}
-        for pool_id in {*pools, *(self._ix.reports_by_pool or {}).keys()}:
+        for pool_id in {*pools, *self._ix.reports_by_pool.keys()}:
             self.workers.poke(pool_id)
 
     # -- the reconcile --------------------------------------------------------------------
@@ -298,7 +295,7 @@ class Reconciler:
             key=lambda k: k.name,
         )
         pool: PoolRecord | None = _first(self._ix.pools_by_name.get(pool_id))
-        reports = self._ix.reports(pool_id)
+        reports = list(self._ix.reports_by_pool.get(pool_id, ()))
         if pool is None:
             return await self._orphans(pool_id, keys, reports, now)
         self._orphaned.pop(pool_id, None)
@@ -468,7 +465,13 @@ class Reconciler:
         """The pool is gone: one pool-level Event, then the keys marked at a bounded rate."""
         namespace, name = pool_id
         gone = Cond(ACCEPTED, "False", "PoolNotFound", f"no CreditPool {name!r} here")
-        await self.desk.judge(reports, {r.name: gone for r in reports}, now)
+        refusals = {
+            r.name: Cond(ACCEPTED, "False", r.parsed.reason, r.parsed.message)
+            if isinstance(r.parsed, InvalidReport)
+            else gone
+            for r in reports
+        }
+        await self.desk.judge(reports, refusals, now)
         live = [k for k in keys if not k.deleting]
         if not live:
             self._orphaned.pop(pool_id, None)
@@ -633,7 +636,6 @@ def _facts(
     verdicts: Mapping[str, KeyVerdict],
     written: TableWrite,
     failed: Mapping[str, str],
-    had_failures: bool = True,
 ) -> PoolFacts:
     total, ready, cooling, invalid = count_phases(verdicts)
     usable = sum(

@@ -64,7 +64,8 @@ def sort_reports(
             continue
         live.add((record.name, record.ref.uid))
         expires = parsed.spec.heartbeat + STALE_AFTER_SECONDS
-        if expires <= now or record.deleting:
+        old = expires <= now or record.deleting
+        if old:
             stale.append(record)
         else:
             deadlines.append(expires)
@@ -72,7 +73,7 @@ def sort_reports(
         for entry in parsed.spec.keys:
             if entry.name in valid:
                 sources.setdefault(entry.name, []).append(
-                    Source(record.name, record.ref.uid, parsed.spec.heartbeat, entry)
+                    Source(record.name, record.ref.uid, parsed.spec.heartbeat, entry, old)
                 )
             elif entry.name in invalid:
                 broken.append(entry.name)

@@ -13,8 +13,6 @@ Environment (all optional; the Helm chart sets the first three):
 ``SIDEPROXY_DEBOUNCE_SECONDS``         quiet period that batches triggers (default 0.15)
 ``SIDEPROXY_MAX_DELAY_SECONDS``        longest a trigger waits under constant churn (default 2)
 ``SIDEPROXY_RESYNC_SECONDS``           full re-check of every pool (default 300)
-``SIDEPROXY_REPORT_DEBOUNCE_SECONDS``  quiet period of a reconcile that a repair hurries (a
-                                       deleted or edited ConfigMap / key Secret; default 0.02)
 ``SIDEPROXY_SHUTDOWN_GRACE_SECONDS``   on SIGTERM, how long running reconciles may take to
                                        finish before the Lease is released (default 10)
 =====================================  =========================================================
@@ -102,7 +100,6 @@ class Settings:
                 quiet_seconds=_env_float("SIDEPROXY_DEBOUNCE_SECONDS", 0.15),
                 max_delay_seconds=_env_float("SIDEPROXY_MAX_DELAY_SECONDS", 2.0),
                 resync_seconds=_env_float("SIDEPROXY_RESYNC_SECONDS", 300.0),
-                report_quiet_seconds=_env_float("SIDEPROXY_REPORT_DEBOUNCE_SECONDS", 0.02),
             ),
         )
 

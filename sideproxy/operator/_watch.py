@@ -85,7 +85,7 @@ class MetaWatch:
                 version = None
             except asyncio.CancelledError:
                 raise
-            except (ApiException, OSError, TimeoutError, ValueError) as exc:
+            except Exception as exc:  # a watch must outlive anything: log, back off, retry
                 failures += 1
                 delay = min(self._retry_max, 0.2 * 2 ** min(failures, 8))
                 if failures == 1 or failures % 10 == 0:

@@ -1,19 +1,13 @@
-"""Stage 3, attempt: one key's turn at a request, and the rules that say what its answer means.
+"""Stage 3, attempt: one key's turn at a request, released exactly once.
 
 An :class:`Attempt` is made when the pool hands out a key and is released exactly once: by the
 stage that learnt the outcome, or, if none did (the client left, a bug raised), by the request's
 ``finally`` as ``CANCELLED``. ``release`` is idempotent, so "exactly once" does not depend on
 every path remembering it.
 
-What an answer means (``judge``)::
-
-    429                        rate-limited: the next key at once (any request: not done)
-    401                        the key is bad (revoked): the next key at once
-    5xx                        a failure of the key: the next key only if the request is
-                               replayable (it may have been acted on)
-    403                        judged by the caller: a key-level code revokes; otherwise
-                               another key is asked before anyone is blamed
-    anything else              OK for the key; the answer goes to the client
+What an answer means is the pool's ``classify`` (one policy for the proxy and LLMClient); the
+caller adds its own rule: after a 5xx, a timeout or a broken body only a replayable request
+goes to the next key (``_route``).
 """
 
 from __future__ import annotations
@@ -22,20 +16,10 @@ from collections.abc import Callable, Mapping
 
 from sideproxy.pool import Key, Outcome
 
-__all__ = ["Attempt", "Learn", "judge"]
+__all__ = ["Attempt", "Learn"]
 
 # (key, outcome, the provider's headers, the metric label, the model it is about or None)
 Learn = Callable[[Key, Outcome, Mapping[str, str] | None, str, str | None], None]
-
-_RETRY_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.SERVER_ERROR})
-
-
-def judge(status: int, replayable: bool) -> tuple[Outcome, bool]:
-    """(what the key learns, whether the next key may be tried) for an HTTP status."""
-    # A 403 is judged by the caller (a key-level code, or another key's answer).
-    outcome = Outcome.from_status(status) if status != 403 else Outcome.OK
-    retry = status == 401 or (outcome in _RETRY_OUTCOMES and (replayable or status == 429))
-    return outcome, retry
 
 
 class Attempt:

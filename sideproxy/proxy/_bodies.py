@@ -2,7 +2,7 @@
 completeness.
 
 Upstream error bodies never reach the client with key material in them: a 401 (or key-level
-403) body is replaced by the proxy's own error (see ``_attempt``); any other error body has the
+403) body is replaced by the proxy's own error (see ``_answers``); any other error body has the
 key's value and any masked key quote (``sk-abc****wxyz``, ``sk-abc...xyz``) replaced by
 ``<redacted>``, whatever its content type (JSON, SSE, text).
 """
@@ -13,23 +13,8 @@ import json
 import re
 import zlib
 
-__all__ = ["decoded", "is_json", "key_level_403", "scrub", "whole_json"]
+__all__ = ["decoded", "is_json", "scrub", "whole_json"]
 
-# A 403 whose structured error says this: the key itself is bad, revoke it (as a 401).
-_KEY_LEVEL_403 = frozenset(
-    {
-        "invalid_api_key",
-        "invalid_key",
-        "api_key_invalid",
-        "api_key_revoked",
-        "api_key_disabled",
-        "api_key_expired",
-        "key_revoked",
-        "account_deactivated",
-        "account_disabled",
-        "authentication_error",
-    }
-)
 # Masked key quotes as providers write them: "sk-abc1****...****wxyz", "sk-abc...xyz". Each
 # alternative starts at a word boundary and uses possessive quantifiers: linear on any body.
 _MASKED = re.compile(
@@ -71,22 +56,6 @@ def whole_json(body: bytes) -> bool:
     while start < end and body[start] in _WHITESPACE:
         start += 1
     return end - start >= 2 and body[start] in _OPEN and body[end - 1] in _CLOSE
-
-
-def key_level_403(body: bytes) -> bool:
-    """Does a 403 body's structured error (code or type, never the message) blame the key?"""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return False
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if not isinstance(error, dict):
-        return False
-    for field in ("code", "type"):
-        value = error.get(field)
-        if isinstance(value, str) and value.lower() in _KEY_LEVEL_403:
-            return True
-    return False
 
 
 def decoded(body: bytes, encoding: str | None, cap: int) -> bytes | None:

@@ -1,16 +1,18 @@
 """The request path, stage by stage, on any transport (see ``_exchange``)::
 
     parse and route      _paths.parse_path, _route: provider, upstream URL, model, replayable
-    authenticate/admit   the virtual key (``_auth``)
+    authenticate/admit   the virtual key (``_auth``); a model no key serves: 404 model_not_found
     attempt              loop (max_attempts, retry budget), one ``_attempt.Attempt`` per key:
-        key = pool.acquire(provider, now, exclude=tried)      None -> stop
+        key = pool.acquire(provider, now, exclude=tried, model=model)   None -> stop
         send upstream with the key's auth header
-        429 / 401 / connect error                            -> next key at once
+        connect error                                        -> next key at once
         5xx, timeout, reset, broken body                     -> next key if replayable
           (see _route._REPLAYABLE_PATHS; a files or batches upload is never sent twice)
         a 2xx whose JSON body is broken (read whole)         -> a failure, next key if replayable
-        403                                                  -> see below
-        an error (>= 400, SSE too): read whole, up to 64 KiB  -> scrubbed of key material, answer
+        an error (>= 400, SSE too): read whole, up to 64 KiB, judged by pool.classify:
+          429 (per model), 401, out of quota (key-wide)      -> next key at once
+          403                                                -> see below
+          anything else                                      -> scrubbed of key material, answer
         2xx with a known length <= buffer_limit              -> read whole, answer
         SSE, unsized or large 2xx                            -> relay chunk by chunk, no retry
     relay                _relay: stream, or the whole body; spent: the last provider answer
@@ -42,8 +44,9 @@ from typing import TYPE_CHECKING
 
 from sideproxy.pool import Key, ManagedCreditPool, Outcome, Transition, classify
 from sideproxy.proxy._access import AccessLog
-from sideproxy.proxy._attempt import Attempt, Learn, judge
-from sideproxy.proxy._bodies import decoded, is_json, key_level_403, scrub, whole_json
+from sideproxy.proxy._answers import ERROR_CAP, Failure, readable, retry_headers, safe_error
+from sideproxy.proxy._attempt import Attempt, Learn
+from sideproxy.proxy._bodies import is_json, whole_json
 from sideproxy.proxy._errors import (
     NoKeyAvailable,
     NotFound,
@@ -53,7 +56,6 @@ from sideproxy.proxy._errors import (
     UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnreachable,
-    error_body,
 )
 from sideproxy.proxy._exchange import (
     ConnectFailed,
@@ -64,7 +66,7 @@ from sideproxy.proxy._exchange import (
     UpstreamResponse,
     UpstreamTimedOut,
 )
-from sideproxy.proxy._headers import request_headers, response_headers, with_json_body
+from sideproxy.proxy._headers import request_headers, response_headers
 from sideproxy.proxy._paths import parse_path
 from sideproxy.proxy._relay import end_broken, missing_final_event, relay
 from sideproxy.proxy._route import Route, resolve, upstream_of
@@ -81,31 +83,17 @@ TransitionHook = Callable[[list[Transition]], None]
 log = logging.getLogger("sideproxy.proxy")
 
 _monotonic = time.monotonic
-# Statuses whose body may say "out of quota" (insufficient_quota, billing, daily limits).
-_QUOTA_STATUSES = frozenset({400, 402, 403, 429})
-_ERROR_CAP = 65536  # error bodies are read (and scrubbed) up to this even when buffer_limit is 0
 
 _UNAUTHORIZED = (
     "missing or invalid virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
 )
 
 
-class _Failure:
-    """A provider answer that made us move on; replayed if no attempt is left."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        self.status = status
-        self.headers = headers  # ready to send
-        self.body = body
-
-
 class _MoveOn(Exception):
     """This attempt is over without an answer for the client: ``retry`` says whether the
     next key may be tried."""
 
-    def __init__(self, failure: _Failure | ProxyError, retry: bool) -> None:
+    def __init__(self, failure: Failure | ProxyError, retry: bool) -> None:
         self.failure = failure
         self.retry = retry
 
@@ -138,7 +126,7 @@ class _Ctx:
         self.key: Key | None = None
         self.attempts = 0
         self.client_gone = False
-        self.failure: _Failure | ProxyError | None = None
+        self.failure: Failure | ProxyError | None = None
         # A key whose 403 waits for another key's answer to the same request (see above).
         self.held: Attempt | None = None
         self.opened: list[Attempt] = []
@@ -150,8 +138,8 @@ class _Ctx:
             held.release(outcome, "403")
 
 
-def _reason(failure: _Failure | ProxyError | None) -> str:
-    if isinstance(failure, _Failure):
+def _reason(failure: Failure | ProxyError | None) -> str:
+    if isinstance(failure, Failure):
         return str(failure.status)
     if isinstance(failure, UpstreamTimeout):
         return "timeout"
@@ -308,22 +296,21 @@ class Forwarder:
         sent = _monotonic()
         resp = await self._send(attempt, ctx, first_byte)
         status = resp.status
-        outcome, retry = judge(status, ctx.route.replayable)
         error = status >= 400
-        cap = _ERROR_CAP if error else self._buffer_limit
+        cap = ERROR_CAP if error else self._buffer_limit
         length = resp.content_length
         if not error and (
             length is None or length > cap or resp.content_type == "text/event-stream"
         ):
             # Another key served what a held key refused: that 403 was about the key.
             ctx.settle_held(Outcome.FORBIDDEN)
-            return await self._stream(attempt, resp, outcome, sent, ctx)
+            return await self._stream(attempt, resp, sent, ctx)
         # Error bodies (SSE ones too) are read whole, so they can be scrubbed and judged.
         payload = await self._read(attempt, resp, cap, ctx)
         self.metrics.latency(ctx.provider, _monotonic() - sent)
         if not error:
-            return await self._success(attempt, resp, payload, outcome, ctx)
-        return await self._error(attempt, resp, payload, (outcome, retry), ctx)
+            return await self._success(attempt, resp, payload, ctx)
+        return await self._error(attempt, resp, payload, ctx)
 
     async def _send(self, attempt: Attempt, ctx: _Ctx, first_byte: float) -> UpstreamResponse:
         client = self.client
@@ -387,7 +374,6 @@ class Forwarder:
         attempt: Attempt,
         resp: UpstreamResponse,
         payload: bytes | None,
-        outcome: Outcome,
         ctx: _Ctx,
     ) -> int:
         if (
@@ -401,42 +387,38 @@ class Forwarder:
                 f"provider {ctx.provider} answered {resp.status} with a broken JSON body"
             )
             raise _MoveOn(failure, ctx.route.replayable)
-        attempt.release(outcome, str(resp.status), resp.headers)
+        attempt.release(Outcome.OK, str(resp.status), resp.headers)
         ctx.settle_held(Outcome.FORBIDDEN)
         self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
         await ctx.out.respond(resp.status, response_headers(resp.raw_headers), payload or b"")
         return resp.status
 
     async def _error(
-        self,
-        attempt: Attempt,
-        resp: UpstreamResponse,
-        payload: bytes | None,
-        judged: tuple[Outcome, bool],
-        ctx: _Ctx,
+        self, attempt: Attempt, resp: UpstreamResponse, payload: bytes | None, ctx: _Ctx
     ) -> int:
+        """An error answer, judged by the pool's ``classify`` (the one policy it shares with
+        LLMClient), made safe to show, then retried elsewhere or answered."""
         status = resp.status
-        outcome, retry = judged
-        headers, shown, key_bad = _safe_error(attempt, resp, payload, ctx.provider)
-        key_wide = key_bad
-        if key_bad:
-            outcome, retry = Outcome.UNAUTHORIZED, True
-        elif status in _QUOTA_STATUSES and classify(status, resp.headers, payload).outcome is (
-            Outcome.EXHAUSTED
-        ):
-            # Out of quota: the key is out for every model; another key may still answer.
-            outcome, retry, key_wide = Outcome.EXHAUSTED, True, True
-        elif status == 403:
+        plain = readable(resp, payload)
+        verdict = classify(status, resp.headers, plain)
+        outcome = verdict.outcome
+        rejected = outcome is Outcome.UNAUTHORIZED
+        headers, shown = safe_error(
+            attempt.key.secret, resp, payload, ctx.provider, plain=plain, rejected=rejected
+        )
+        # After a 5xx the provider may have acted: only a replayable request goes again.
+        retry = verdict.retry and (ctx.route.replayable or outcome is not Outcome.SERVER_ERROR)
+        if verdict.held:
             if ctx.held is None and len(ctx.opened) < ctx.compiled.max_attempts:
                 # Ask another key before blaming this one; released when that one answers.
                 ctx.held = attempt
-                raise _MoveOn(_Failure(status, headers, shown), True)
+                raise _MoveOn(Failure(status, headers, shown), True)
             # The same request refused twice (or no one left to ask): the request's fault,
             # nothing learnt about either key.
-            outcome = Outcome.OK
-        attempt.release(outcome, str(status), resp.headers, key_wide=key_wide)
+            outcome, retry = Outcome.OK, False
+        attempt.release(outcome, str(status), resp.headers, key_wide=not verdict.per_model)
         if retry:
-            raise _MoveOn(_Failure(status, headers, shown), True)
+            raise _MoveOn(Failure(status, headers, shown), True)
         # A 4xx from another key does not show that a held key was at fault.
         ctx.settle_held(Outcome.OK)
         self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
@@ -446,10 +428,10 @@ class Forwarder:
     async def _spent(self, ctx: _Ctx) -> int:
         """Every attempt is spent: replay the last answer, or say why there was none."""
         failure, provider = ctx.failure, ctx.provider
-        if isinstance(failure, _Failure):
+        if isinstance(failure, Failure):
             headers = failure.headers
             if failure.status == 429:
-                headers = _retry_headers(headers, self._retry_after(ctx))
+                headers = retry_headers(headers, self._retry_after(ctx))
             await ctx.out.respond(failure.status, headers, failure.body)
             return failure.status
         if failure is not None:
@@ -472,8 +454,9 @@ class Forwarder:
     # ------------------------------------------------------------------ streaming
 
     async def _stream(
-        self, attempt: Attempt, resp: UpstreamResponse, outcome: Outcome, sent: float, ctx: _Ctx
+        self, attempt: Attempt, resp: UpstreamResponse, sent: float, ctx: _Ctx
     ) -> int:
+        """A 2xx relayed as it arrives (SSE, unsized or large): no retry once it started."""
         provider, out = ctx.provider, ctx.out
         try:
             seen = await relay(resp, out, ctx.compiled.idle_stream)
@@ -511,7 +494,7 @@ class Forwarder:
                 await end_broken(out, resp, seen, anthropic=anthropic)
                 return resp.status
         else:
-            attempt.release(outcome, str(resp.status), resp.headers)
+            attempt.release(Outcome.OK, str(resp.status), resp.headers)
         await out.finish()
         return resp.status
 
@@ -564,45 +547,6 @@ class Forwarder:
                 hook(transitions)
             except Exception:
                 log.exception("on_transitions hook failed")
-
-
-def _safe_error(
-    attempt: Attempt, resp: UpstreamResponse, payload: bytes | None, provider: str
-) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:
-    """(headers, a body safe to show, whether it says the key itself is bad)."""
-    status = resp.status
-    headers = response_headers(resp.raw_headers)
-    encoding = resp.headers.get("content-encoding")
-    plain = None if payload is None else decoded(payload, encoding, _ERROR_CAP)
-    if status == 401 or (status == 403 and plain is not None and key_level_403(plain)):
-        body = error_body(
-            f"provider {provider} rejected a key of this pool (HTTP {status}); that key is "
-            "out of rotation until its Secret or PoolKey changes, and no other key could "
-            "answer",
-            "authentication_error",
-            "upstream_key_rejected",
-        )
-        return with_json_body(headers), body, True
-    if plain is None:
-        why = "too large" if payload is None else "encoded"
-        body = error_body(
-            f"provider {provider} answered HTTP {status} (its error body is {why} to show)",
-            "proxy_error" if status >= 500 else "invalid_request_error",
-            "upstream_error",
-        )
-        return with_json_body(headers), body, False
-    if plain is not payload:
-        headers = [(n, v) for n, v in headers if n.lower() != b"content-encoding"]
-    return headers, scrub(plain, attempt.key.secret), False
-
-
-def _retry_headers(headers: list[tuple[bytes, bytes]], seconds: int) -> list[tuple[bytes, bytes]]:
-    """The pool's retry advice in both forms the SDKs read (``retry-after-ms`` first) so they
-    agree; the last provider's own would speak for one key only."""
-    kept = [(n, v) for n, v in headers if n.lower() not in (b"retry-after", b"retry-after-ms")]
-    kept.append((b"Retry-After", str(seconds).encode()))
-    kept.append((b"retry-after-ms", str(seconds * 1000).encode()))
-    return kept
 
 
 def _warn(key: Key, provider: str, what: str) -> None:

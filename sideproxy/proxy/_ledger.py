@@ -158,16 +158,25 @@ def _entry(name: str, fingerprint: str, seen: _Seen | None, counts: KeyCounts) -
     )
 
 
-def _health(entry: KeyReport) -> KeyReport:
-    """The part of an entry that changes a pool (counters do not)."""
-    return entry.model_copy(update={"counts": KeyCounts()})
+_Health = tuple[str, tuple[tuple[str, float], ...], float | None, bool, float | None]
+
+
+def _health(entry: KeyReport) -> _Health:
+    """The part of an entry that changes a pool (counters do not), cheap to compare."""
+    return (
+        entry.fingerprint,
+        tuple((c.model, c.until) for c in entry.cooling),
+        entry.exhausted_until,
+        entry.revoked,
+        entry.breaker_open_until,
+    )
 
 
 class Peers:
     """The other replicas' reports of this pool, by report name."""
 
     def __init__(self) -> None:
-        self._reports: dict[str, dict[str, KeyReport]] = {}
+        self._reports: dict[str, dict[str, tuple[_Health, KeyReport]]] = {}
 
     def __len__(self) -> int:
         return len(self._reports)
@@ -175,9 +184,13 @@ class Peers:
     def update(self, name: str, spec: ReplicaReportSpec) -> list[KeyReport]:
         """Store a report; the entries whose health changed since the last one of ``name``."""
         before = self._reports.get(name, {})
-        now = {entry.name: _health(entry) for entry in spec.keys}
+        now = {entry.name: (_health(entry), entry) for entry in spec.keys}
         self._reports[name] = now
-        return [entry for key, entry in now.items() if before.get(key) != entry]
+        return [
+            entry
+            for key, (health, entry) in now.items()
+            if key not in before or before[key][0] != health
+        ]
 
     def remove(self, name: str) -> None:
         self._reports.pop(name, None)
@@ -190,7 +203,7 @@ class Peers:
 
     def entries(self) -> list[KeyReport]:
         """Every entry of every report (to apply after the pool was reconfigured)."""
-        return [entry for report in self._reports.values() for entry in report.values()]
+        return [entry for report in self._reports.values() for _, entry in report.values()]
 
 
 def apply_entries(

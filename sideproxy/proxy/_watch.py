@@ -57,6 +57,9 @@ async def follow(
             response = await lister(
                 **kwargs, _preload_content=False, _request_timeout=WATCH_SECONDS
             )
+            if not 200 <= response.status <= 299:  # a raw response does not raise by itself
+                response.release()
+                raise ApiException(status=response.status, reason=response.reason)
             listing = await response.json()
             items = listing.get("items") or []
             on_listing([item for item in items if isinstance(item, Mapping)])

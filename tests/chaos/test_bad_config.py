@@ -66,6 +66,15 @@ EXTRA_INVALID = {
         pool_doc("p" * 64),
         "a CreditPool name has at most 63 characters",
     ),
+    "report-misnamed": (
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ReplicaReport",
+            "metadata": {"name": "p-someone-else", "labels": {"sideproxy.dev/pool": "p"}},
+            "spec": {"pool": "p", "replica": "r1", "heartbeat": 1.0},
+        },
+        "a ReplicaReport is named <spec.pool>-<spec.replica>",
+    ),
 }
 
 
@@ -78,7 +87,7 @@ def test_every_cel_rule_is_refused_with_its_message(
     ]
     expected += [message for _, message in EXTRA_INVALID.values()]
     messages = cel_messages()
-    assert len(messages) == 7, messages
+    assert len(messages) == 8, messages
     uncovered = [m for m in messages if not any(e in m for e in expected)]
     assert not uncovered, f"CEL rules no invalid case exercises: {uncovered}"
     for name, (doc, message) in EXTRA_INVALID.items():
@@ -150,6 +159,13 @@ def test_bad_keys_are_conditions_and_events_while_the_rest_serves(bare_loop: Loo
             assert status["message"] == message, (name, status)
             ready = condition(status, "Ready")
             assert (ready["status"], ready["reason"]) == ("False", reason), (name, ready)
+            if reason == "PoolNotFound":
+                # One Event for the missing pool, on the CreditPool, not one per key.
+                event = wait_event(loop, "CreditPool", "nope", reason)
+                assert event.type == "Warning"
+                assert event.message.startswith(message), event.message
+                assert not [e for e in events_on(loop, "PoolKey", name) if e.reason == reason]
+                continue
             event = wait_event(loop, "PoolKey", name, reason)
             assert (event.type, event.message) == ("Warning", message), name
         # The pool without a usable key says so, on the CreditPool.

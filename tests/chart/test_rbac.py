@@ -248,9 +248,9 @@ def test_proxy_rules_are_exactly_the_contract(kube: KubeCluster, tmp_path: Path)
          "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [f"{POOL}-keys"],
          "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["sideproxy.dev"], "resources": ["replicareports"],
+         "verbs": ["get", "list", "watch", "create", "patch"]},
     ]  # fmt: skip
     # And the proxy's code watches exactly those two names (sideproxy/proxy/kube.py).
     source = (ROOT / "sideproxy" / "proxy" / "kube.py").read_text()
-    assert "field_selector=selector" in source
-    assert 'selector = f"metadata.name={name}"' in source
+    assert '"field_selector": f"metadata.name={name}"' in source

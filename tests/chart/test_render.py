@@ -180,7 +180,11 @@ def test_crds_are_shipped_in_crds_dir(kube: KubeCluster, tmp_path: Path) -> None
     crds = sorted(
         d["metadata"]["name"] for d in with_crds if d["kind"] == "CustomResourceDefinition"
     )
-    assert crds == ["creditpools.sideproxy.dev", "poolkeys.sideproxy.dev"]
+    assert crds == [
+        "creditpools.sideproxy.dev",
+        "poolkeys.sideproxy.dev",
+        "replicareports.sideproxy.dev",
+    ]
 
 
 def test_labels_and_name_lengths(kube: KubeCluster, tmp_path: Path) -> None:

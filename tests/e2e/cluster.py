@@ -74,7 +74,9 @@ class Loop:
             "defaultProvider": "custom",
             "providers": [{"name": "custom", "baseURL": self.fake.base_url}],
             "clientAuth": {"disabled": True},
-            "cooldown": {"defaultSeconds": 5},
+            # scope "key": a 429 rests the key for every model, which these tests watch through
+            # each replica's per-key health (the default, "model", rests only that key+model).
+            "cooldown": {"defaultSeconds": 5, "scope": "key"},
             **spec,
         }
         docs: list[dict[str, Any]] = [

@@ -83,3 +83,11 @@ def test_cooling_models_are_listed_compactly() -> None:
     assert [m["model"] for m in fields["coolingModels"]] == ["m0", "m1", "m2", "m3", "m4"]
     assert fields["coolingMoreModels"] == 3
     assert fields["cooling"] == "m0, m1, m2, m3, m4 and 3 more"
+
+
+def test_a_stale_report_still_counts_but_says_nothing_about_health() -> None:
+    cool = [{"model": "", "until": NOW + 30}]
+    old = src("a", 3, cooling=cool)
+    stale = Source(old.report, old.uid, old.heartbeat, old.entry, stale=True)
+    assert health([stale], "f1", SPEC, NOW).phase is None
+    assert apply({}, stale)["rateLimitedCount"] == 3

@@ -400,25 +400,30 @@ def test_thousand_keys_without_a_write_storm(
     ]
     manifest = tmp_path / "big.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
+    started = time.monotonic()
     cluster.kubectl("create", "-f", str(manifest), "--request-timeout=120s")
+    churn = time.monotonic() - started
 
     table = cluster.wait(
         lambda: (t := cluster.table("big")) and len(t.keys) == n and t,
         timeout=120,
         what="a table with 1,000 keys",
     )
+    # Under constant churn a pool is written at most once per SIDEPROXY_MAX_DELAY_SECONDS (2 s):
+    # the bound follows how long the 1,001 creates took on this machine, plus a few.
+    bound = 4 + int(churn / 2)
     cluster.wait(
         lambda: cluster.status("creditpools", "big").get("keysSummary") == f"{n}/{n}",
         timeout=120,
         what="pool status 1000/1000",
     )
     # Version = number of table writes (it rises by one per content change).
-    assert table.version <= 10, f"the ConfigMap was written {table.version} times"
+    assert table.version <= bound, f"the ConfigMap was written {table.version} times"
     writes = operator.final_writes()
-    print(f"1,000 keys: table version {table.version}, writes {writes}")
-    assert writes.get("ConfigMap/create", 0) + writes.get("ConfigMap/update", 0) <= 10, writes
-    assert writes.get("Secret/create", 0) + writes.get("Secret/update", 0) <= 10, writes
-    assert writes.get("creditpools/status", 0) <= 15, writes
+    print(f"1,000 keys created in {churn:.1f}s: table version {table.version}, writes {writes}")
+    assert writes.get("ConfigMap/create", 0) + writes.get("ConfigMap/update", 0) <= bound, writes
+    assert writes.get("Secret/create", 0) + writes.get("Secret/update", 0) <= bound, writes
+    assert writes.get("creditpools/status", 0) <= bound + 5, writes
     assert n <= writes.get("poolkeys/status", 0) <= n + 50, writes
     statuses = cluster.custom.list_namespaced_custom_object(
         "sideproxy.dev", "v1alpha1", cluster.ns, "poolkeys"

@@ -6,6 +6,7 @@ import aiohttp
 
 from sideproxy.fake_provider import FakeProvider
 from sideproxy.models import fingerprint
+from sideproxy.proxy import EnvSource
 from tests.proxy.conftest import SECRETS, K, Proxy, StartProxy, manifests, snapshot
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -72,3 +73,21 @@ async def test_requests_without_a_model_route_as_before(
     proxy = await start_proxy(snapshot(manifests({"custom": fake.base_url}, pool_keys)))
     async with http.get(proxy.base_url + "/models") as resp:
         assert resp.status == 200
+
+
+async def test_side_pool_keys_route_on_the_model_the_same_way(
+    fake: FakeProvider, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """``SIDE_POOL_KEYS`` (EnvSource) gets the same per-model cool-down and exhaustion."""
+    proxy = await start_proxy(EnvSource(SECRETS[:2], "custom", fake.base_url))
+    fake.add_faults(SECRETS[0], {"status": 429, "retry_after": 60})
+    fake.add_faults(SECRETS[1], {"status": 429, "retry_after": 60})
+    assert (await _chat(http, proxy, "big")).status == 429
+    assert (await _chat(http, proxy, "small")).status == 200
+    fake.exhaust(SECRETS[0])
+    fake.exhaust(SECRETS[1])
+    async with http.post(
+        proxy.base_url + "/chat/completions", json={**CHAT, "model": "small"}
+    ) as resp:
+        assert (await resp.json())["error"]["code"] == "insufficient_quota"
+    assert {str(proxy.status(n).health) for n in ("key-1", "key-2")} == {"exhausted"}
