@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from tests.chart._helm import CHART, ROOT
-from tests.kube.images import Image, podman
+from tests.kube.images import Image, in_store, podman
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -172,7 +172,7 @@ def _run(image: Image, *args: str, entrypoint: str | None = None) -> str:
             "--ulimit=nproc=1024:1024"]  # fmt: skip
     if entrypoint is not None:
         argv.append(f"--entrypoint={entrypoint}")
-    proc = podman(*argv, image.ref, *args)
+    proc = podman(*argv, in_store(image).ref, *args)
     assert proc.returncode == 0, f"podman run {' '.join(args)} failed:\n{proc.stderr}"
     return proc.stdout.strip()
 
@@ -198,7 +198,7 @@ def test_the_built_image_runs_sideproxy_as_10001_on_a_read_only_root(app_image: 
 
 
 def test_the_built_image_config_is_what_the_dockerfile_says(app_image: Image) -> None:
-    proc = podman("image", "inspect", app_image.ref)
+    proc = podman("image", "inspect", in_store(app_image).ref)
     assert proc.returncode == 0, proc.stderr
     config = json.loads(proc.stdout)[0]["Config"]
     assert config["User"] == "10001:10001"

@@ -68,6 +68,22 @@ def build_app_image(timeout: float = BUILD_TIMEOUT) -> Image:
     return _run_script(IMAGE_SCRIPT, timeout)
 
 
+def in_store(image: Image) -> Image:
+    """The image, present in the podman store: loaded back from its archive when another build
+    sharing the cache pruned it (each build keeps only its own tag in the store)."""
+    if podman("image", "exists", image.ref).returncode != 0:
+        loaded = podman("load", "-i", str(image.archive))
+        if loaded.returncode != 0:
+            raise HarnessError(f"podman load {image.archive} failed:\n{loaded.stderr}")
+        podman("tag", _loaded_ref(loaded.stdout), image.ref)
+    return image
+
+
+def _loaded_ref(output: str) -> str:
+    """The reference ``podman load`` printed ("Loaded image: <ref>" or "...(s): <ref>")."""
+    return output.strip().splitlines()[-1].rpartition(": ")[2].strip()
+
+
 def build_pause_image(timeout: float = 600.0) -> Image:
     return _run_script(PAUSE_SCRIPT, timeout)
 
