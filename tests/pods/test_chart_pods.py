@@ -272,13 +272,18 @@ def test_the_operator_pod_killed_a_new_one_takes_the_lease_and_converges(
                  "secretRef": {"name": "late-key", "key": "value"}},
     }, rel.ns)  # fmt: skip
     try:
+        # Ready, not just any status: a first pass may see the key before its Secret
+        # (SecretNotResolved), and only a usable key is in the table.
+        def ready() -> bool:
+            return rel.poolkeys_table().get("key-late", {}).get("STATE") == "Ready"
 
-        def has_status() -> bool:
-            return rel.poolkeys_table().get("key-late", {}).get("STATE") not in (None, "<none>")
+        wait(ready, message="the new operator made key-late Ready")
 
-        wait(has_status, message="the new operator wrote key-late's status")
-        routing = rel.get("configmap", f"{POOL}-routing")
-        assert "key-late" in str(routing["data"]), "key-late is not in the routing table"
+        def in_table() -> bool:
+            routing = rel.get("configmap", f"{POOL}-routing")
+            return "key-late" in str(routing.get("data"))
+
+        wait(in_table, message="key-late reached the routing table")
     finally:
         rel.kubectl("delete", "poolkey", "key-late", "--ignore-not-found")
         rel.kubectl("delete", "secret", "late-key", "--ignore-not-found")
