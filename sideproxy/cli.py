@@ -81,7 +81,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    keys = p.add_argument_group("where the keys come from (pick one)")
+    _add_key_sources(p.add_argument_group("where the keys come from (pick one)"))
+    _add_listening(p.add_argument_group("listening and client auth"))
+    _add_limits(p.add_argument_group("limits"))
+    _add_logging(p.add_argument_group("logging"))
+    p.set_defaults(run=_serve)
+
+
+# One argument group each: ``sideproxy serve --help`` shows them in this order.
+_Group = argparse._ArgumentGroup
+
+
+def _add_key_sources(keys: _Group) -> None:
     keys.add_argument(
         "--keys",
         default=_env("SIDE_POOL_KEYS"),
@@ -130,7 +141,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="cluster mode: kubeconfig file; default: in-cluster credentials (env KUBECONFIG)",
     )
 
-    net = p.add_argument_group("listening and client auth")
+
+def _add_listening(net: _Group) -> None:
     net.add_argument(
         "--host",
         default=_env("SIDE_PROXY_HOST", "127.0.0.1"),
@@ -158,7 +170,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "otherwise; anyone who can reach the port spends your keys (env SIDE_PROXY_NO_AUTH=1)",
     )
 
-    limits = p.add_argument_group("limits")
+
+def _add_limits(limits: _Group) -> None:
     limits.add_argument(
         "--max-body-size",
         type=_size,
@@ -221,7 +234,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "SIDE_PROXY_UPSTREAM_CONNECTIONS; default 0)",
     )
 
-    logs = p.add_argument_group("logging")
+
+def _add_logging(logs: _Group) -> None:
     logs.add_argument(
         "--log-format",
         choices=("text", "json"),
@@ -241,7 +255,6 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=_env_flag("SIDE_PROXY_ACCESS_LOG", True),
         help="one line per request at INFO (env SIDE_PROXY_ACCESS_LOG; default on)",
     )
-    p.set_defaults(run=_serve)  # fmt: skip
 
 
 def _fail(message: str) -> int:
