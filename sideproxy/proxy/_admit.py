@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter
 
 from sideproxy.proxy._auth import Identity
-from sideproxy.proxy._errors import ProxyError
+from sideproxy.proxy._errors import ModelNotAllowed, VirtualKeyLimit
 
 if TYPE_CHECKING:
     from sideproxy.models import VirtualKeyLimits
@@ -80,18 +80,6 @@ def window_from_env() -> float:
     except ValueError:
         return 60.0
     return value if 0 < value <= 3600 else 60.0
-
-
-class VirtualKeyLimit(ProxyError):
-    status = 429
-    type_ = "rate_limit_error"
-    code = "virtual_key_limit"
-
-
-class ModelNotAllowed(ProxyError):
-    status = 403
-    type_ = "permission_error"
-    code = "model_not_allowed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,12 @@ Hierarchy::
     ProxyError                      an answer the proxy gives instead of the provider's
     ├── BadRequest (400)            invalid_request_error: invalid_json, invalid_path, ...
     ├── Unauthorized (401)          authentication_error: invalid_virtual_key
+    ├── ModelNotAllowed (403)       permission_error: model_not_allowed (a VirtualKey's models)
     ├── NotFound (404)              invalid_request_error: unknown_provider, unknown_route
     ├── RequestTimeout (408)        invalid_request_error: body_read_timeout (slow client)
     ├── BodyTooLarge (413)          invalid_request_error: body_too_large
     ├── NoKeyAvailable (429)        rate_limit_error: no_key_available (+ Retry-After)
+    ├── VirtualKeyLimit (429)       rate_limit_error: virtual_key_limit (+ Retry-After)
     ├── UpstreamUnreachable (502)   proxy_error: upstream_unreachable
     ├── UpstreamInvalid (502)       proxy_error: upstream_invalid_response (a 2xx that is not
     │                               the JSON it claims, an oversized error body)
@@ -29,6 +31,7 @@ from aiohttp import web
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
+    "ModelNotAllowed",
     "NoKeyAvailable",
     "NotFound",
     "NotReady",
@@ -38,6 +41,7 @@ __all__ = [
     "UpstreamInvalid",
     "UpstreamTimeout",
     "UpstreamUnreachable",
+    "VirtualKeyLimit",
     "error_body",
     "error_response",
 ]
@@ -122,10 +126,22 @@ class BodyTooLarge(ProxyError):
     code = "body_too_large"
 
 
+class ModelNotAllowed(ProxyError):
+    status = 403
+    type_ = "permission_error"
+    code = "model_not_allowed"
+
+
 class NoKeyAvailable(ProxyError):
     status = 429
     type_ = "rate_limit_error"
     code = "no_key_available"
+
+
+class VirtualKeyLimit(ProxyError):
+    status = 429
+    type_ = "rate_limit_error"
+    code = "virtual_key_limit"
 
 
 class UpstreamUnreachable(ProxyError):
