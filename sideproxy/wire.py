@@ -14,6 +14,7 @@ until when, exhausted, revoked, breaker open) plus cumulative counters since it 
     spec:
       pool: team-a
       replica: team-a-proxy-7d9f-abc12-1
+      incarnation: 6f1c0e…             # the writing process (uuid4 hex), fixed for its life
       heartbeat: 1790000000.0          # renewed every HEARTBEAT_SECONDS
       keysReported: 1                  # len(keys), for the printer column
       keys:
@@ -28,6 +29,14 @@ until when, exhausted, revoked, breaker open) plus cumulative counters since it 
 Every replica watches the reports of its pool (label selector :func:`pool_selector`) and applies
 the others' entries to its live pool as deltas; the operator folds them into ``PoolKey.status``
 and writes rejections into the report's ``status.conditions`` (type :data:`ACCEPTED`).
+
+**Incarnations.** ``spec.incarnation`` names the process that writes the report, chosen once
+when it starts. The counters are cumulative *per incarnation*: a new incarnation under the same
+name (a restarted process) starts again from 0, while the same incarnation re-creating a report
+that was deleted under it (the operator removed it as stale while the replica was cut off)
+carries on from where it was. The operator's fold tells the two apart by it
+(``sideproxy/operator/_fold.py``). A report without one (a proxy older than the field) is
+folded as before.
 
 **Who may write.** RBAC lets only the proxy ServiceAccount ``create``/``update``/``patch``
 ``replicareports`` (chart: ``templates/proxy/rbac.yaml``); nobody else, so whoever may create
@@ -258,6 +267,19 @@ class ReplicaReportSpec(_Wire):
         float,
         Field(ge=0, allow_inf_nan=False, description="Last renewal by the replica (unix seconds)."),
     ]
+    # Optional: a proxy older than the field writes none (rolling upgrades), and the operator
+    # then folds its counts by report name and uid alone.
+    incarnation: Annotated[
+        str | None,
+        Field(
+            default=None,
+            min_length=1,
+            max_length=64,
+            pattern=r"^[0-9a-zA-Z-]+$",
+            description="The writing process, fixed for its life: counts are cumulative per "
+            "incarnation (a new one starts from 0).",
+        ),
+    ]
     keys_reported: Annotated[
         int, Field(default=0, ge=0, description="len(keys), for kubectl's printer column.")
     ]
@@ -269,8 +291,9 @@ class ReplicaReportSpec(_Wire):
             description="What the replica knows of each key it has something to say about.",
         ),
     ]
-    # Virtual keys (issue 12): written by the replica's usage channel with a merge patch of
-    # these three fields only, so it never overwrites what the health writer says above.
+    # Virtual keys (issue 12): the usage part of the replica's channel (proxy/_vkshare.py)
+    # writes these three fields, the health part the ones above; a write carries only the
+    # parts that are due, as a merge patch, so neither ever erases the other.
     usage_heartbeat: Annotated[
         float | None,
         Field(
@@ -291,7 +314,7 @@ class ReplicaReportSpec(_Wire):
             description="Length of the limit window (60: a calendar minute).",
         ),
     ]
-    # None, not []: the health writer's merge patch (spec.dump(), unset fields left out) must
+    # None, not []: the health part's merge patch (spec.dump(), unset fields left out) must
     # never carry this field, or each of its writes would erase the replica's claims.
     virtual_keys: Annotated[
         list[VirtualKeyUsage] | None,

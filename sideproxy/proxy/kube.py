@@ -10,10 +10,13 @@ mix (issue 15: health on the config channel rebuilt every replica's pool on ever
   that does not parse, fails its hash or names another pool is yielded as a
   :class:`~sideproxy.proxy.sources.Rejected` (logged, counted, shown in ``/sideproxy/status``)
   and the proxy keeps serving the last good one.
-* **Health** — :class:`~sideproxy.proxy._replicas.ReportChannel`: this replica's
-  ``ReplicaReport`` out, the pool's other reports in, applied to the live pool as deltas.
+* **Health and virtual-key usage** — one :class:`~sideproxy.proxy._channel.ReportChannel`:
+  this replica's ``ReplicaReport`` out, the pool's other reports in, with one writer and one
+  watch for its two parts, :class:`~sideproxy.proxy._replicas.HealthPart` (applied to the
+  live pool as deltas) and, when the app admits virtual keys,
+  :class:`~sideproxy.proxy._vkshare.UsagePart` (fed to its ``Admission``).
 
-Both watches survive anything (``_watch.follow``): the API server gone, a malformed event, a
+The watches survive anything (``_watch.follow``): the API server gone, a malformed event, a
 surprise in a handler — logged, retried with back-off (0.2 s doubling to 5 s) while the proxy
 serves on. Neither ever logs a key value: material is only ever handed to the pool.
 """
@@ -43,8 +46,9 @@ from sideproxy.models import (
 )
 from sideproxy.pool import ManagedCreditPool, Transition
 from sideproxy.proxy._admit import Admission
-from sideproxy.proxy._replicas import ReportChannel
-from sideproxy.proxy._vkshare import UsageChannel
+from sideproxy.proxy._channel import ReportChannel
+from sideproxy.proxy._replicas import HealthPart
+from sideproxy.proxy._vkshare import UsagePart
 from sideproxy.proxy._watch import Lister, follow
 from sideproxy.proxy.sources import Rejected, Snapshot, SourceEvent
 from sideproxy.wire import PodRef, default_namespace, replica_name
@@ -92,6 +96,7 @@ class KubeSource:
         self._clock = clock
         self._target: ManagedCreditPool | None = None
         self.channel: ReportChannel | None = None
+        self.health: HealthPart | None = None
         self._admission: Admission | None = None  # virtual-key limits (issue 12, _vkshare)
 
     def __repr__(self) -> str:
@@ -99,18 +104,18 @@ class KubeSource:
 
     def attach(self, pool: ManagedCreditPool) -> None:
         self._target = pool
-        if self.channel is not None:
-            self.channel.attach(pool)
+        if self.health is not None:
+            self.health.attach(pool)
 
     def attach_admission(self, admission: Admission) -> None:
         """The app hands over its virtual-key admission: its usage and claims travel in this
-        replica's ReplicaReport too (``_vkshare.UsageChannel``, merge patches of its fields)."""
+        replica's ReplicaReport too (``_vkshare.UsagePart``, on the same channel)."""
         self._admission = admission
 
     def report(self, transitions: list[Transition]) -> None:
-        channel = self.channel
-        if channel is not None:
-            channel.record(transitions)
+        health = self.health
+        if health is not None:
+            health.record(transitions)
 
     async def snapshots(self) -> AsyncIterator[SourceEvent]:
         async with api_client(self.kubeconfig) as api:
@@ -122,18 +127,19 @@ class KubeSource:
             channel = ReportChannel(
                 api, namespace, self.pool, replica, pod_ref(), clock=self._clock
             )
+            health = HealthPart(self.pool, replica, poke=channel.poke, clock=self._clock)
+            channel.add(health)
             if self._target is not None:
-                channel.attach(self._target)
-            if self._admission is not None:  # PoolKeys count the tokens they served
-                channel.ledger.tokens = self._admission.pool_key_tokens
-            self.channel = channel
-            task = asyncio.create_task(channel.run(), name="sideproxy-health-channel")
-            usage = None
+                health.attach(self._target)
             if self._admission is not None:
-                shares = UsageChannel(
-                    api, namespace, self.pool, replica, self._admission, owner=pod_ref()
+                health.ledger.tokens = self._admission.pool_key_tokens  # PoolKeys' tokens
+                channel.add(
+                    UsagePart(
+                        self.pool, replica, self._admission, poke=channel.poke, clock=self._clock
+                    )
                 )
-                usage = asyncio.create_task(shares.run(), name="sideproxy-vkey-usage")
+            self.channel, self.health = channel, health
+            task = asyncio.create_task(channel.run(), name="sideproxy-report-channel")
             try:
                 async for event in ClusterSource(api, namespace, self.pool).snapshots():
                     if isinstance(event, Rejected):
@@ -149,13 +155,11 @@ class KubeSource:
                     yield Snapshot(table, material, origin)
                     # The app has configured its pool with this table (the consumer applies an
                     # event before it asks for the next): apply what the fleet knows to it.
-                    channel.configured({k.name: k.fingerprint for k in table.keys})
+                    health.configured({k.name: k.fingerprint for k in table.keys})
             finally:
-                self.channel = None
+                self.channel = self.health = None
                 task.cancel()
-                if usage is not None:
-                    usage.cancel()
-                await asyncio.gather(task, *([usage] if usage else []), return_exceptions=True)
+                await asyncio.gather(task, return_exceptions=True)
 
 
 class ClusterSource:

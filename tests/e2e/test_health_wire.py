@@ -92,7 +92,7 @@ def test_the_crd_is_generated_with_its_columns_and_name_rule() -> None:
     assert version["subresources"] == {"status": {}}
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert set(spec) == {
-        "pool", "replica", "heartbeat", "keysReported", "keys",
-        # issue 12 (vkeys): virtual-key usage and claims, merge-patched by proxy/_vkshare.py
+        "pool", "replica", "incarnation", "heartbeat", "keysReported", "keys",
+        # issue 12 (vkeys): virtual-key usage and claims, written by proxy/_vkshare.py
         "usageHeartbeat", "windowSeconds", "virtualKeys",
     }  # fmt: skip
