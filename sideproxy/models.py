@@ -675,6 +675,22 @@ class AppliedReport(ReportCounts):
 
     report: Annotated[str, Field(description="The ReplicaReport's name.")]
     uid: Annotated[str, Field(description="The ReplicaReport's uid (another object, other marks).")]
+    incarnation: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="The report's spec.incarnation (the writing process): the same one "
+            "continues this mark even from a re-created object, another one starts from 0.",
+        ),
+    ]
+    gone_since: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="When the report was found gone (RFC 3339): the mark waits for its "
+            "process to re-create it for a while, then moves into reportsBase.",
+        ),
+    ]
 
 
 class PoolKeyStatus(_Model):
@@ -726,7 +742,8 @@ class PoolKeyStatus(_Model):
         list[AppliedReport],
         Field(
             default_factory=list,
-            description="Per live ReplicaReport, the counts already in the totals (operator's).",
+            description="Per ReplicaReport (live, or gone a short while), the counts already in "
+            "the totals (operator's).",
             json_schema_extra={
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["report"],

@@ -1,14 +1,27 @@
 """ReplicaReports folded into one PoolKey's status: exact counts and current health. Pure.
 
-**Counts, exactly once.** A report's ``counts`` are cumulative since its replica started. The
-key's status keeps, per report (name and uid), the counts already added to its totals
-(``appliedReports``, a high-water mark) and ``reportsBase``, the counts of reports that are
-gone. The totals are always ``base + sum(marks)``, and one status patch moves marks and totals
-together, so applying the same report twice changes nothing, and an operator killed between
-any two steps leaves a status that the next leader continues from without counting twice or
-losing a count. A count lower than its mark means the replica restarted (its counters began
-again at 0): the mark goes into the base and the new count is the new mark. A mark whose report
-is confirmed gone (``gone``: the API server says 404 or another uid) moves into the base.
+**Counts, exactly once.** A report's ``counts`` are cumulative since its writing process
+started (its ``incarnation``). The key's status keeps, per report name, the counts already added
+to its totals (``appliedReports``, a high-water mark, with the report's uid and incarnation) and
+``reportsBase``, the counts of marks retired. The totals are always ``base + sum(marks)``, and
+one status patch moves marks and totals together, so applying the same report twice changes
+nothing, and an operator killed between any two steps leaves a status that the next leader
+continues from without counting twice or losing a count.
+
+Which counter a report continues (:func:`_continues`): when both the mark and the report name
+an incarnation, the same incarnation continues its mark whatever the object's uid (the process
+re-created its report after it was deleted), and another one is a new process that counts from
+0 (the old mark is retired into the base, the new counts are added whole). Without an
+incarnation on either side (a proxy or a status from before the field), the same uid continues
+and another uid is another report. Either way a count lower than its mark means the counters
+began again at 0: the mark goes into the base and the new count is the new mark.
+
+**Gone reports.** A mark whose report is confirmed gone (``gone``: the API server says 404 or
+another uid) and that has no incarnation moves into the base at once. One with an incarnation
+stays, marked ``goneSince``, for ``GONE_MARK_SECONDS``: its process may still be alive (cut off
+from the API server for longer than ``STALE_AFTER_SECONDS``, its report deleted as stale) and
+re-create the report with the same counters, which then continue the mark instead of counting
+twice. Past that time, or when another incarnation reports under the name, it is retired.
 
 **Health, from the reports alive now.** Only entries about the key's current value
 (``fingerprint``) count; every deadline is capped by the pool's own limits (a report is not a
@@ -21,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sideproxy.models import COOLING_MODELS_SHOWN, CreditPoolSpec, KeyPhase
@@ -34,6 +48,9 @@ COUNTERS = (
     ("promptTokens", "promptTokens"),
     ("completionTokens", "completionTokens"),
 )
+# How long the mark of a gone report that named its incarnation waits for that process to
+# re-create it (a replica cut off from the API server); then it moves into the base.
+GONE_MARK_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +62,7 @@ class Source:
     heartbeat: float
     entry: KeyReport
     stale: bool = False  # its replica stopped renewing it: counts still fold, health does not
+    incarnation: str | None = None  # the writing process (None: a proxy before the field)
 
 
 def _int(value: object) -> int:
@@ -60,11 +78,26 @@ def _counts(source: Source) -> dict[str, int]:
     }
 
 
+def _continues(mark: Mapping[str, Any], source: Source) -> bool:
+    """Do the report's counts continue this mark's (the same counters), or start anew?"""
+    before = mark.get("incarnation")
+    if before and source.incarnation:
+        return bool(before == source.incarnation)
+    return bool(mark.get("uid") == source.uid)
+
+
+def _seconds(stamp: object) -> float | None:
+    try:
+        return datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return None
+
+
 def fold_counts(
-    status: Mapping[str, Any], sources: Sequence[Source], gone: Collection[str]
+    status: Mapping[str, Any], sources: Sequence[Source], gone: Collection[str], *, now: float
 ) -> dict[str, Any]:
-    """The count fields of the status after applying ``sources`` (and folding the marks of the
-    ``gone`` reports into the base): appliedReports, reportsBase, the totals, lastRateLimited."""
+    """The count fields of the status after applying ``sources`` and the ``gone`` reports (see
+    the module docstring): appliedReports, reportsBase, the totals, lastRateLimited."""
     marks: dict[str, dict[str, Any]] = {
         str(m.get("report")): dict(m)
         for m in status.get("appliedReports") or ()
@@ -87,20 +120,36 @@ def fold_counts(
     last_limited: float | None = None
     for source in sources:
         mark = marks.get(source.report)
-        if mark is not None and mark.get("uid") != source.uid:
-            retire(source.report)  # another object under that name: the old one is gone
+        if mark is not None and not _continues(mark, source):
+            retire(source.report)  # another process, or another object under that name
             mark = None
         new = _counts(source)
         for name, _ in COUNTERS:
             old = _int(mark.get(name)) if mark is not None else 0
-            if new[name] < old:  # the replica restarted and counts from 0 again
+            if new[name] < old:  # the counters began again at 0
                 base[name] += old
             elif name == "rateLimited" and new[name] > old:
                 last_limited = max(last_limited or 0.0, source.heartbeat)
-        marks[source.report] = {"report": source.report, "uid": source.uid, **new}
+        marks[source.report] = {
+            "report": source.report,
+            "uid": source.uid,
+            **({"incarnation": source.incarnation} if source.incarnation else {}),
+            **new,
+        }
+    reporting = {source.report for source in sources}
     for report in gone:
-        if report in marks:
+        mark = marks.get(report)
+        if mark is None or report in reporting:
+            continue  # a report of that name is here now: what is gone is an older object
+        if not mark.get("incarnation"):
             retire(report)
+        elif not mark.get("goneSince"):
+            mark["goneSince"] = rfc3339(now)
+    for report, mark in list(marks.items()):
+        if mark.get("goneSince"):
+            since = _seconds(mark["goneSince"])
+            if since is None or since + GONE_MARK_SECONDS <= now:
+                retire(report)
     # A mark of nothing says nothing: only reports that counted something are kept (a replica
     # that reports only requests costs no status write).
     marks = {name: m for name, m in marks.items() if any(_int(m.get(n)) for n, _ in COUNTERS)}

@@ -376,14 +376,16 @@ class Reconciler:
         written = await self._write_table(pool_id, pool, translation)
         await write_vkey_statuses(self._api, vkeys, translation.virtual_verdicts, now)
         verdicts, healths = self._health(pool, keys, translation, judged, now)
-        marks = {
+        marks = {  # a mark already known gone waits for its process (_fold.py): no look
             (str(m.get("report")), str(m.get("uid")))
             for k in keys
             for m in k.status.get("appliedReports") or ()
-            if isinstance(m, Mapping)
+            if isinstance(m, Mapping) and not m.get("goneSince")
         }
         gone = await self.desk.gone(namespace, marks, judged.live)
-        failed = await self._write_keys(keys, verdicts, healths, judged, gone=gone, stamp=stamp)
+        failed = await self._write_keys(
+            keys, verdicts, healths, judged, gone=gone, stamp=stamp, now=now
+        )
         facts = _facts(translation, verdicts, written, failed)
         statuses = await self._write_pool(pool, facts, stamp)
         await self.desk.judge(reports, judged.verdicts, now)
@@ -557,7 +559,9 @@ class Reconciler:
             orphan.phase.value, orphan.message)]  # fmt: skip
         batch = todo[: self._opt.orphan_rate]
         verdicts = {k.name: orphan for k in batch}
-        await self._write_keys(batch, verdicts, {}, None, gone=(), stamp=rfc3339(now), events=False)
+        await self._write_keys(
+            batch, verdicts, {}, None, gone=(), stamp=rfc3339(now), now=now, events=False
+        )
         return Outcome(deadline=now + 1.0 if len(todo) > len(batch) else None)
 
     async def _write_keys(
@@ -569,6 +573,7 @@ class Reconciler:
         *,
         gone: Collection[str],
         stamp: str,
+        now: float,
         events: bool = True,
     ) -> dict[str, str]:
         """Patch the statuses that differ. Each key on its own: the failures come back as
@@ -586,6 +591,7 @@ class Reconciler:
                     sources=sources,
                     gone=gone,
                     stamp=stamp,
+                    now=now,
                     events=events,
                 ):
                     return
@@ -614,6 +620,7 @@ class Reconciler:
         sources: Sequence[Source],
         gone: Collection[str],
         stamp: str,
+        now: float,
         events: bool,
     ) -> bool:
         """One key's status patch; False on a conflict (re-read and try again)."""
@@ -624,7 +631,7 @@ class Reconciler:
         desired = status_of(verdict, key.status, key.ref.generation, stamp, where)
         desired.update((found or Health()).fields())
         if key.spec is not None:
-            desired.update(fold_counts(key.status, sources, gone))
+            desired.update(fold_counts(key.status, sources, gone, now=now))
         patch = status_patch(key.status, desired)
         if not patch:
             return True

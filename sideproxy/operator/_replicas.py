@@ -73,7 +73,14 @@ def sort_reports(
         for entry in parsed.spec.keys:
             if entry.name in valid:
                 sources.setdefault(entry.name, []).append(
-                    Source(record.name, record.ref.uid, parsed.spec.heartbeat, entry, old)
+                    Source(
+                        record.name,
+                        record.ref.uid,
+                        parsed.spec.heartbeat,
+                        entry,
+                        old,
+                        parsed.spec.incarnation,
+                    )
                 )
             elif entry.name in invalid:
                 broken.append(entry.name)

@@ -5,22 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from sideproxy.models import CreditPoolSpec, KeyPhase
-from sideproxy.operator._fold import Source, fold_counts, health
+from sideproxy.operator._fold import GONE_MARK_SECONDS, Source, fold_counts, health
 from sideproxy.wire import KeyReport
 
 NOW = 1_750_000_000.0
 SPEC = CreditPoolSpec.model_validate({"providers": [{"name": "groq"}]})
 
 
-def src(report: str, limited: int, uid: str = "", **entry: Any) -> Source:
+def src(
+    report: str, limited: int, uid: str = "", incarnation: str | None = None, **entry: Any
+) -> Source:
     key = KeyReport.model_validate(
         {"name": "k", "fingerprint": "f1", "counts": {"rateLimited": limited}, **entry}
     )
-    return Source(report, uid or f"uid-{report}", NOW, key)
+    return Source(report, uid or f"uid-{report}", NOW, key, incarnation=incarnation)
 
 
-def apply(status: dict[str, Any], *sources: Source, gone: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {**status, **fold_counts(status, sources, gone)}
+def apply(
+    status: dict[str, Any], *sources: Source, gone: tuple[str, ...] = (), now: float = NOW
+) -> dict[str, Any]:
+    return {**status, **fold_counts(status, sources, gone, now=now)}
 
 
 def test_the_same_report_twice_counts_once() -> None:
@@ -53,6 +57,53 @@ def test_a_new_object_under_an_old_name_is_another_report() -> None:
     status = apply({}, src("a", 5, uid="u1"))
     status = apply(status, src("a", 1, uid="u2"))
     assert status["rateLimitedCount"] == 6
+
+
+def test_the_same_incarnation_re_creating_its_report_continues_its_mark() -> None:
+    """A replica cut off for longer than the stale limit: the operator deleted its report, and
+    the same process (same incarnation, same counters) creates it again, with a new uid."""
+    status = apply({}, src("a", 5, uid="u1", incarnation="i1"), src("b", 1))
+    status = apply(status, src("b", 1), gone=("a",))  # deleted as stale
+    assert status["rateLimitedCount"] == 6  # nothing lost while it is away
+    (mark,) = [m for m in status["appliedReports"] if m["report"] == "a"]
+    assert mark["goneSince"]  # kept, waiting for its process
+    assert apply(status, src("b", 1), gone=("a",)) == status  # idempotent
+    back = apply(status, src("a", 7, uid="u2", incarnation="i1"), src("b", 1))
+    assert back["rateLimitedCount"] == 8  # 5 counted once, then 2 more
+    (mark,) = [m for m in back["appliedReports"] if m["report"] == "a"]
+    assert (mark["uid"], mark.get("goneSince")) == ("u2", None)
+    assert apply(back, src("a", 7, uid="u2", incarnation="i1"), src("b", 1)) == back
+
+
+def test_the_same_incarnation_back_before_the_gone_check_continues_too() -> None:
+    status = apply({}, src("a", 5, uid="u1", incarnation="i1"))
+    # The new object is there, and the gone check (404 or another uid) names the old one.
+    back = apply(status, src("a", 6, uid="u2", incarnation="i1"), gone=("a",))
+    assert back["rateLimitedCount"] == 6
+    assert [m["uid"] for m in back["appliedReports"]] == ["u2"]
+
+
+def test_a_new_incarnation_counts_from_zero_whatever_its_counts() -> None:
+    status = apply({}, src("a", 5, uid="u1", incarnation="i1"))
+    status = apply(status, gone=("a",))
+    # A restarted process under the same name: its counters began at 0.
+    fresh = apply(status, src("a", 3, uid="u2", incarnation="i2"))
+    assert fresh["rateLimitedCount"] == 8
+    assert fresh["reportsBase"]["rateLimited"] == 5
+    # Even on the same object, and even when it has already counted past the old mark.
+    status = apply({}, src("a", 5, uid="u1", incarnation="i1"))
+    assert apply(status, src("a", 6, uid="u1", incarnation="i2"))["rateLimitedCount"] == 11
+
+
+def test_a_gone_mark_waits_only_so_long() -> None:
+    status = apply({}, src("a", 5, uid="u1", incarnation="i1"))
+    status = apply(status, gone=("a",))
+    later = apply(status, now=NOW + GONE_MARK_SECONDS)
+    assert later["appliedReports"] is None
+    assert (later["reportsBase"]["rateLimited"], later["rateLimitedCount"]) == (5, 5)
+    # Without an incarnation (a proxy from before the field) a gone mark retires at once.
+    old = apply(apply({}, src("a", 5)), gone=("a",))
+    assert (old["appliedReports"], old["rateLimitedCount"]) == (None, 5)
 
 
 def test_counts_from_before_the_marks_are_kept() -> None:

@@ -14,13 +14,13 @@ def _source(report: str, prompt: int, completion: int, uid: str = "u1") -> Sourc
 
 
 def test_the_fold_sums_tokens_once_per_report_and_survives_restarts() -> None:
-    first = fold_counts({}, [_source("p-a", 10, 4), _source("p-b", 1, 1)], ())
+    first = fold_counts({}, [_source("p-a", 10, 4), _source("p-b", 1, 1)], (), now=1.0)
     assert (first["promptTokens"], first["completionTokens"]) == (11, 5)
-    again = fold_counts(first, [_source("p-a", 10, 4), _source("p-b", 1, 1)], ())
+    again = fold_counts(first, [_source("p-a", 10, 4), _source("p-b", 1, 1)], (), now=1.0)
     assert (again["promptTokens"], again["completionTokens"]) == (11, 5)  # no double count
-    restarted = fold_counts(again, [_source("p-a", 2, 1)], ())  # p-a counts from 0 again
+    restarted = fold_counts(again, [_source("p-a", 2, 1)], (), now=1.0)  # p-a from 0 again
     assert restarted["promptTokens"] == 10 + 1 + 2
-    gone = fold_counts(restarted, [], ("p-a", "p-b"))  # reports deleted: their marks fold in
+    gone = fold_counts(restarted, [], ("p-a", "p-b"), now=1.0)  # deleted: marks fold in
     assert gone["promptTokens"] == 13
 
 
