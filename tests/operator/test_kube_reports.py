@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 from sideproxy.models import fingerprint
-from sideproxy.wire import PLURAL, ReplicaReportSpec, report_body, report_name
+from sideproxy.wire import (
+    PLURAL,
+    STALE_AFTER_SECONDS,
+    ReplicaReportSpec,
+    report_body,
+    report_name,
+)
 from tests.kube.harness import KubeCluster
 from tests.operator.conftest import (
     GROUP,
@@ -55,26 +61,35 @@ def pool_of_keys(cluster: Cluster) -> None:
 class Replica:
     """One proxy replica's ReplicaReport, with cumulative 429 counts per key."""
 
-    def __init__(self, cluster: Cluster, name: str) -> None:
+    def __init__(self, cluster: Cluster, name: str, incarnation: str | None = None) -> None:
         self.cluster = cluster
         self.replica = name
         self.name = report_name("p", name)
+        self.incarnation = incarnation
         self.counts: dict[str, int] = {}
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self, heartbeat: float | None = None) -> dict[str, Any]:
         keys = [
             {"name": f"key-{n}", "fingerprint": fingerprint(VALUES[n]),
              "counts": {"rateLimited": c, "requests": c}}
             for n, c in sorted(self.counts.items())
         ]  # fmt: skip
-        raw = {"pool": "p", "replica": self.replica, "heartbeat": time.time(), "keys": keys}
+        raw = {
+            "pool": "p",
+            "replica": self.replica,
+            "incarnation": self.incarnation,
+            "heartbeat": time.time() if heartbeat is None else heartbeat,
+            "keys": keys,
+        }
         return ReplicaReportSpec.model_validate(raw).dump()
 
-    def create(self) -> None:
-        spec = ReplicaReportSpec.model_validate(self.spec())
-        self.cluster.custom.create_namespaced_custom_object(
+    def create(self, heartbeat: float | None = None) -> str:
+        """Create the report; its uid."""
+        spec = ReplicaReportSpec.model_validate(self.spec(heartbeat))
+        body = self.cluster.custom.create_namespaced_custom_object(
             GROUP, VERSION, self.cluster.ns, PLURAL, report_body(self.cluster.ns, spec)
         )
+        return str(body["metadata"]["uid"])
 
     def count(self, names: list[str]) -> None:
         for n in names:
@@ -177,6 +192,56 @@ def test_counts_are_exact_when_the_leader_dies_mid_burst(
     )  # fmt: skip
     assert counted(cluster) == want
     print(f"{how}: killed {killed}; {sum(want.values())} 429s counted exactly")
+
+
+def test_a_report_deleted_as_stale_and_re_created_by_its_process_counts_each_429_once(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """A replica cut off from the API server for longer than the stale limit: the operator
+    folds its report and deletes it; the same process (same incarnation, same cumulative
+    counters) creates it again with more 429s. Each 429 is counted once. Then a restarted
+    process under the same name (a new incarnation, counters from 0) is counted whole."""
+    pool_of_keys(cluster)
+    replica = Replica(cluster, "r1", incarnation="aaaa1111")
+    replica.counts = {"k00": 3}
+    first = replica.create(heartbeat=time.time() - STALE_AFTER_SECONDS - 30)
+
+    def status() -> dict[str, Any]:
+        return cluster.status("poolkeys", "key-k00")
+
+    def mark() -> dict[str, Any]:
+        return next(
+            (m for m in status().get("appliedReports") or () if m["report"] == replica.name), {}
+        )
+
+    cluster.wait(lambda: status().get("rateLimitedCount") == 3, timeout=30, what="3 counted")
+    cluster.wait(
+        lambda: mark().get("goneSince") and mark()["uid"] == first,
+        timeout=30,
+        what="the stale report deleted and its mark waiting for its process",
+    )
+    assert replica.name not in {
+        i["metadata"]["name"]
+        for i in cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL)[
+            "items"
+        ]
+    }
+    assert status()["rateLimitedCount"] == 3
+
+    replica.counts = {"k00": 5}  # two more since, on the same counters
+    second = replica.create()
+    cluster.wait(lambda: mark().get("uid") == second, timeout=30, what="the re-created report")
+    assert status()["rateLimitedCount"] == 5
+    assert "goneSince" not in mark()
+
+    restarted = Replica(cluster, "r1", incarnation="bbbb2222")  # same name, counters from 0
+    restarted.counts = {"k00": 4}
+    restarted.count([])
+    cluster.wait(
+        lambda: mark().get("incarnation") == "bbbb2222", timeout=30, what="the new incarnation"
+    )
+    assert status()["rateLimitedCount"] == 9
+    assert status()["reportsBase"]["rateLimited"] == 5
 
 
 def test_refused_entries_are_said_in_the_report(cluster: Cluster, operator: Operator) -> None:
