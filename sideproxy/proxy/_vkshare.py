@@ -84,7 +84,8 @@ class UsagePart:
             return None
         entries = self.admission.report(now)
         if not entries and self._published_empty:
-            return None  # idle, and the others already know
+            self._last = at  # idle, and the others already know: look again later
+            return None
         return {
             "usageHeartbeat": now,
             "windowSeconds": self.admission.window,
