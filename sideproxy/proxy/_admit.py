@@ -35,7 +35,6 @@ and the watcher (``_vkshare``) feed it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 
+from sideproxy.proxy import _json
 from sideproxy.proxy._auth import Identity
 from sideproxy.proxy._errors import ModelNotAllowed, VirtualKeyLimit
 
@@ -160,7 +160,7 @@ def usage_of(payload: bytes) -> tuple[int, int] | None:
     if end < 0:
         return None
     try:
-        usage = json.loads(payload[start : end + 1])
+        usage = _json.loads(payload[start : end + 1])
     except ValueError:
         return None
     if not isinstance(usage, dict):

@@ -9,9 +9,10 @@ key's value and any masked key quote (``sk-abc****wxyz``, ``sk-abc...xyz``) repl
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
+
+from sideproxy.proxy import _json
 
 __all__ = ["decoded", "is_json", "scrub", "whole_json"]
 
@@ -46,7 +47,7 @@ def whole_json(body: bytes) -> bool:
     """A 2xx JSON body that is one complete object or array (truncation is the real fault)."""
     if len(body) <= _JSON_PARSE_LIMIT:
         try:
-            json.loads(body)
+            _json.loads(body)
         except (ValueError, RecursionError):
             return False
         return True

@@ -86,6 +86,7 @@ TransitionHook = Callable[[list[Transition]], None]
 log = logging.getLogger("sideproxy.proxy")
 
 _monotonic = time.monotonic
+_STATUS = {status: str(status) for status in range(200, 300)}  # metric labels, made once
 
 _UNAUTHORIZED = (
     "missing or invalid virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
@@ -433,12 +434,14 @@ class Forwarder:
                 f"provider {ctx.provider} answered {resp.status} with a broken JSON body"
             )
             raise _MoveOn(failure, ctx.route.replayable)
-        attempt.release(Outcome.OK, str(resp.status), resp.headers)
+        # The answer first, then what the pool, the ticket and the metrics learn from it: the
+        # fast transport's respond never yields, so nothing can run in between.
+        self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
+        await ctx.out.respond(resp.status, response_headers(resp.raw_headers), payload or b"")
+        attempt.release(Outcome.OK, _STATUS.get(resp.status) or str(resp.status), resp.headers)
         ctx.settle_held(Outcome.FORBIDDEN)
         if ctx.ticket is not None:
             ctx.ticket.usage(payload)
-        self.metrics.ttfb(ctx.provider, _monotonic() - ctx.started)
-        await ctx.out.respond(resp.status, response_headers(resp.raw_headers), payload or b"")
         return resp.status
 
     async def _error(

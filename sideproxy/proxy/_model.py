@@ -1,8 +1,9 @@
 """Which model a request asks for, read cheaply from its body (the pool routes on it).
 
 JSON bodies (OpenAI, Anthropic): the value of the top-level ``"model"`` key.
-- Up to ``PARSE_LIMIT`` bytes the body is parsed whole by ``json.loads``: the proxy checks a
-  JSON request's validity anyway, so the model costs a dict lookup on top of that.
+- Up to ``PARSE_LIMIT`` bytes the body is parsed whole (``_json.loads``: orjson, with
+  ``json.loads``'s verdict): the proxy checks a JSON request's validity anyway, so the model
+  costs a dict lookup on top of that.
 - Larger bodies are never parsed whole on the event loop. ``bytes.rfind`` locates each
   ``"model"`` token from the end; one followed by ``:`` is a key; it is the top-level one when
   the brackets outside strings on its shorter side (before it, or after it) leave exactly one
@@ -29,8 +30,9 @@ and the request routes as it did before models existed.
 
 from __future__ import annotations
 
-import json
 import re
+
+from sideproxy.proxy import _json
 
 __all__ = [
     "PARSE_LIMIT",
@@ -59,7 +61,7 @@ class InvalidJSON(ValueError):
 def parse_json(body: bytes) -> str | None:
     """Check a small JSON body whole and return its top-level model (or None)."""
     try:
-        doc = json.loads(body)
+        doc = _json.loads(body)
     except (ValueError, RecursionError):
         raise InvalidJSON from None
     model = doc.get("model") if isinstance(doc, dict) else None
@@ -72,7 +74,7 @@ def _string_at(body: bytes, pos: int) -> str | None:
     if value is None or body[pos] != 0x22 or not 2 < value.end() - pos <= _MAX_MODEL + 2:
         return None  # a number, null, object...; or not a name: no model
     try:
-        model = json.loads(value.group())
+        model = _json.loads(value.group())
     except ValueError:
         return None
     return model if isinstance(model, str) else None
