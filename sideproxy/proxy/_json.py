@@ -6,9 +6,10 @@ parses those 6-7 times faster than the standard library (about 0.4 µs for a 90-
 against 2.7 µs, 0.8 µs against 4.7 µs for a 260-byte completion; bench/README.md).
 
 orjson is strict RFC 8259, ``json.loads`` a lenient superset (``NaN``, ``Infinity``, lone
-surrogate escapes, UTF-16 and UTF-32 bytes, integers past 64 bits, deeper nesting). Whatever
-orjson refuses is handed to ``json.loads``, so what the proxy accepts, refuses and reads is
-exactly what it was with ``json`` alone; only the refusals pay twice, and they are rare.
+surrogate escapes, UTF-16 and UTF-32 bytes, deeper nesting). Whatever orjson refuses is handed to
+``json.loads``, so what the proxy accepts and refuses is exactly what it was with ``json`` alone;
+only the refusals pay twice, and they are rare. One value reads differently: an integer past 64
+bits comes back as a float (``json``: an int), which no stage reads as a model or a token count.
 """
 
 from __future__ import annotations
