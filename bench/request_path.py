@@ -32,8 +32,21 @@ from sideproxy.proxy._metrics import Metrics
 BODY = json.dumps(
     {"messages": [{"role": "user", "content": "Say hello in one word."}], "model": "llama-3"}
 ).encode()
-ANSWER = json.dumps(
-    {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {}}]}
+ANSWER = json.dumps(  # what bench/upstream.py answers: a provider's shape, usage included
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "llama-3",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+    }
 ).encode()
 REQUEST_HEADERS: RawHeaders = [
     (b"Host", b"127.0.0.1:8080"),

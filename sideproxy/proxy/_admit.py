@@ -34,7 +34,6 @@ and the watcher (``_vkshare``) feed it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -42,7 +41,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from sideproxy.proxy import _json
 from sideproxy.proxy._auth import Identity
@@ -172,53 +173,59 @@ def usage_of(payload: bytes) -> tuple[int, int] | None:
     return max(0, prompt), max(0, completion)
 
 
-class _Meters:
+# which -> (name, help, labels) of the per-VirtualKey series (``_Meters``).
+_FAMILIES: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
+    "tokens": (
+        "sideproxy_tokens",
+        "Tokens the providers reported in 'usage', by virtual key, model and kind "
+        "(prompt, completion).",
+        ("virtual_key", "model", "kind"),
+    ),
+    "requests": (
+        "sideproxy_virtual_key_requests",
+        "Client requests by virtual key and what admission said (admitted, limited, "
+        "model_not_allowed).",
+        ("virtual_key", "result"),
+    ),
+    "unmetered": (
+        "sideproxy_virtual_key_unmetered_streams",
+        "Streams that ended without a 'usage' object: their tokens are not counted.",
+        ("virtual_key",),
+    ),
+}
+
+
+class _Meters(Collector):
     """The per-VirtualKey series, in the app's registry. ``virtual_key`` is a VirtualKey name
     of the loaded table ('' for anonymous keys); ``model`` a model the pool or the VirtualKey
-    names exactly, else 'other': client input never grows the series."""
+    names exactly, else 'other': client input never grows the series.
+
+    Plain integers in dicts, exported at scrape time (as ``_metrics._HotPath``): a request
+    counts two or three of them, and prometheus_client's children take a lock per ``inc``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.tokens = Counter(
-            "sideproxy_tokens",
-            "Tokens the providers reported in 'usage', by virtual key, model and kind "
-            "(prompt, completion).",
-            ["virtual_key", "model", "kind"],
-            registry=registry,
-        )
-        self.requests = Counter(
-            "sideproxy_virtual_key_requests",
-            "Client requests by virtual key and what admission said (admitted, limited, "
-            "model_not_allowed).",
-            ["virtual_key", "result"],
-            registry=registry,
-        )
-        self.unmetered = Counter(
-            "sideproxy_virtual_key_unmetered_streams",
-            "Streams that ended without a 'usage' object: their tokens are not counted.",
-            ["virtual_key"],
-            registry=registry,
-        )
-        self._metrics = {
-            "tokens": self.tokens,
-            "requests": self.requests,
-            "unmetered": self.unmetered,
-        }
-        self._children: dict[tuple[str, ...], Counter] = {}
+        self._counts: dict[tuple[str, ...], int] = {}  # (which, *labels) -> count
+        registry.register(self)
 
     def count(self, which: str, *labels: str, amount: int = 1) -> None:
-        """``which``: tokens, requests or unmetered; cached children (``labels()`` is slow)."""
+        """``which``: tokens, requests or unmetered."""
         key = (which, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._metrics[which].labels(*labels)
-        child.inc(amount)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + amount
 
     def forget(self, keep: frozenset[str]) -> None:
         """Drop the series of VirtualKeys no longer configured (cardinality stays bounded)."""
-        for key in [k for k in self._children if k[1] and k[1] not in keep]:
-            del self._children[key]
-            with contextlib.suppress(KeyError):
-                self._metrics[key[0]].remove(*key[1:])
+        for key in [k for k in self._counts if k[1] and k[1] not in keep]:
+            del self._counts[key]
+
+    def collect(self) -> Iterable[Metric]:
+        families = {
+            which: CounterMetricFamily(name, doc, labels=list(labels))
+            for which, (name, doc, labels) in _FAMILIES.items()
+        }
+        for (which, *labels), count in list(self._counts.items()):
+            families[which].add_metric(labels, float(count))
+        yield from families.values()
 
 
 class Ticket:
