@@ -258,6 +258,20 @@ def _subclassed_formatter() -> None:
     _root_handler().setFormatter(_MyText())
 
 
+class _Shouting(BatchingHandler):
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).upper()
+
+
+def _subclassed_handler() -> None:
+    root = logging.getLogger()
+    ours = _root_handler()
+    root.removeHandler(ours)
+    shouting = _Shouting(ours.stream)
+    shouting.setFormatter(ours.formatter)
+    root.addHandler(shouting)
+
+
 @pytest.mark.parametrize(
     ("change", "written"),
     [
@@ -270,6 +284,7 @@ def _subclassed_formatter() -> None:
         (_access_not_propagating, False),
         (_plain_formatter, True),
         (_subclassed_formatter, True),
+        (_subclassed_handler, False),  # it wrote MESSAGE.upper()
     ],
 )
 def test_any_other_setup_takes_the_record_path_and_is_honoured(
@@ -293,6 +308,8 @@ def test_any_other_setup_takes_the_record_path_and_is_honoured(
         assert stream.getvalue() == f"INFO|sideproxy.access|{MESSAGE}\n"
     if change is _subclassed_formatter:
         assert stream.getvalue() == f"T INFO    sideproxy.access: {MESSAGE}\n"
+    if change is _subclassed_handler:
+        assert stream.getvalue().endswith(f" SIDEPROXY.ACCESS: {MESSAGE.upper()}\n")
 
 
 @pytest.mark.parametrize("where", ["root", "access", "between"])
