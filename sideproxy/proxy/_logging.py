@@ -5,8 +5,12 @@ current turn (one write and flush per turn, not one per line): under load the ac
 costs one system call for many requests; at rest each line is out within the turn it was logged.
 
 Fields passed with ``extra=`` (the access log's method, path, status, key name, key
-fingerprint, ...) become JSON members, or ``k=v`` pairs in text. Nothing in the proxy logs a key
-value or a virtual key: keys are named by PoolKey name and fingerprint.
+fingerprint, ...) become JSON members, or ``k=v`` pairs in text. The access log may skip the
+record: when ``direct_handler`` finds this module's setup and nothing else on the way, the
+formatter's ``access_line`` writes what ``format`` would and ``emit_access`` queues it.
+
+Nothing in the proxy logs a key value or a virtual key: keys are named by PoolKey name and
+fingerprint.
 """
 
 from __future__ import annotations
