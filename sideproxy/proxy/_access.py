@@ -76,9 +76,6 @@ class AccessLog:
     def write(self, fields: dict[str, Any], message: str) -> None:
         """``fields`` become record attributes (JSON members); ``message`` is the text line."""
         now = self._clock()
-        template = self._template
-        if template is None:
-            template = self._base()
         handler = direct_handler(self._logger)
         if (
             handler is not None
@@ -86,6 +83,9 @@ class AccessLog:
             and handler.emit_access(now, self._levelname, self._name, message, fields)
         ):
             return
+        template = self._template
+        if template is None:
+            template = self._base()
         record = logging.LogRecord.__new__(logging.LogRecord)
         attrs = record.__dict__
         attrs.update(template)
