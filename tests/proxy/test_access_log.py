@@ -73,7 +73,7 @@ class Handles:
             assert not forbid, "the record path was taken"
             real(record)
 
-        monkeypatch.setattr(ACCESS, "handle", handle)
+        monkeypatch.setitem(vars(ACCESS), "handle", handle)  # undone by deleting it again
 
 
 def _clock(when: float) -> Callable[[], float]:
@@ -86,12 +86,20 @@ def _root_handler() -> BatchingHandler:
     return handler
 
 
+def _no_record(record: logging.LogRecord) -> None:
+    raise AssertionError("the record path was taken")
+
+
 def _both_paths(fmt: str, fields: dict[str, Any], message: str, when: float) -> tuple[str, str]:
     """The same line through the direct path and, forced by a filter that passes everything,
     through the record path to the same handler and formatter."""
     log = AccessLog(clock=_clock(when))
     with only_ours(fmt) as stream:
-        log.write(fields, message)
+        vars(ACCESS)["handle"] = _no_record  # the first line must not take the record path
+        try:
+            log.write(fields, message)
+        finally:
+            del vars(ACCESS)["handle"]
         direct = stream.getvalue()
         passed: list[logging.LogRecord] = []
         ACCESS.addFilter(lambda record: passed.append(record) is None)
