@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 # One Go duration component: "1.5h", "6m", "0s", "12ms", "250us".
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -171,14 +172,26 @@ def headroom(
     429 for sure, so the key rests until then.
 
     This runs on every successful response, so it does the least work for the common answer
-    (each budget absent, or well above its floor): one ``get`` per budget absent, two (remaining
+    (each budget absent, or well above its floor): one lookup per budget absent, two (remaining
     and limit) per budget present, an ``int`` parse for a plain count, and the reset only when a
     budget is low. ``tests/pool/test_headroom.py`` pins it to the plain reading of the rule.
+
+    A mapping that can hand over its own index, ``headers.raw_index()`` -> lower-case name
+    bytes to value bytes (the values its ``get`` decodes as latin-1), is read through that:
+    a dict lookup instead of a method call per header, and no decoding of the values.
     """
-    get = headers.get
+    get: Callable[[Any], str | bytes | None]
+    budgets: _Budgets
+    raw_index = getattr(headers, "raw_index", None)
+    if raw_index is not None:
+        get = raw_index().get
+        budgets = _RAW_BUDGETS
+    else:
+        get = headers.get
+        budgets = _BUDGETS
     low: float | None = None
     spent: float | None = None
-    for remaining_name, budget in _BUDGETS:
+    for remaining_name, budget in budgets:
         raw = get(remaining_name)
         if raw is None:
             continue
@@ -195,7 +208,7 @@ def headroom(
             if limit is None or limit <= 0 or remaining > limit * fraction:
                 continue
         reset_raw = get(reset_name)
-        delay = parse_reset(reset_raw, now) if reset_raw is not None else None
+        delay = parse_reset(_text(reset_raw), now) if reset_raw is not None else None
         known = delay is not None and delay > 0
         deadline = now + (delay if known else fallback)  # type: ignore[operator]
         low = deadline if low is None else max(low, deadline)
@@ -207,19 +220,24 @@ def headroom(
 _EXACT = 1 << 53  # every int below this in size is a float exactly
 
 
-def _count(raw: str) -> float | None:
+def _count(raw: str | bytes) -> float | None:
     """A budget header's number, as ``parse_seconds`` reads it (None: not one, or too long).
 
     A plain count ("14399") takes ``int``, which is twice as fast as ``float`` and, below 2**53,
-    compares exactly as the float would; anything else takes ``parse_seconds``.
+    compares exactly as the float would; anything else takes ``parse_seconds``. (``int`` of
+    bytes reads only ASCII; whatever it refuses is decoded and read as text.)
     """
     if len(raw) > _MAX_HEADER:
         return None
     try:
         number = int(raw)
     except ValueError:
-        return parse_seconds(raw)
+        return parse_seconds(_text(raw))
     return number if -_EXACT < number < _EXACT else float(number)
+
+
+def _text(raw: str | bytes) -> str:
+    return raw if isinstance(raw, str) else raw.decode("latin-1")
 
 
 def _go_reset(raw: str, now: float) -> float | None:
@@ -232,7 +250,9 @@ def _rfc_reset(raw: str, now: float) -> float | None:
 
 # (remaining header, (limit header, reset header, counts requests, reset parser)): the
 # remaining header first, alone, since it is the only one read for a budget that is absent.
-_BUDGETS = tuple(
+# Names are str, or lower-case bytes for a raw_index().
+_Budgets = tuple[tuple[Any, tuple[Any, Any, bool, Callable[[str, float], float | None]]], ...]
+_BUDGETS: _Budgets = tuple(
     [
         (
             f"x-ratelimit-remaining-{d}",
@@ -252,4 +272,9 @@ _BUDGETS = tuple(
         )
         for d in ANTHROPIC_DIMENSIONS
     ]
+)
+# The same, as lower-case name bytes for a mapping's raw_index().
+_RAW_BUDGETS: _Budgets = tuple(
+    (remaining.encode(), (limit.encode(), reset.encode(), requests, parse))
+    for remaining, (limit, reset, requests, parse) in _BUDGETS
 )

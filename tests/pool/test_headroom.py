@@ -8,7 +8,7 @@ so that the fast one is held to the same answers over random header sets.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 
 import pytest
@@ -151,6 +151,64 @@ def test_headroom_is_the_plain_rule(
     )
 
 
+class Indexed(Mapping[str, str]):
+    """As the proxy's Headers: any-case names, values decoded as latin-1, and ``raw_index()``
+    (lower-case name bytes -> value bytes) for a reader that would rather have the bytes."""
+
+    def __init__(self, raw: Mapping[bytes, bytes]) -> None:
+        self._index = {name.lower(): value for name, value in raw.items()}
+
+    def raw_index(self) -> dict[bytes, bytes]:
+        return self._index
+
+    def __getitem__(self, name: str) -> str:
+        return self._index[name.lower().encode("latin-1")].decode("latin-1")
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _wire(value: str) -> bytes:
+    """A value as a provider could put it on the wire (latin-1 if it can be, else UTF-8)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
+@settings(max_examples=500)
+@given(
+    budget_headers(),
+    st.integers(-1, 100),
+    st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 2.0]),
+    st.sampled_from([0.0, 1.0, 5.5]),
+)
+def test_headroom_through_a_raw_index_is_the_plain_rule(
+    headers: dict[str, str], floor: int, fraction: float, fallback: float
+) -> None:
+    indexed = Indexed({name.upper().encode(): _wire(value) for name, value in headers.items()})
+    # What the str interface says, read plainly, is what the bytes must say too.
+    plain = {name: indexed[name] for name in indexed}
+    assert headroom(indexed, NOW, floor, fraction, fallback) == reference(
+        plain, NOW, floor, fraction, fallback
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"\xa012", b"\x8512", b"12\x85", b"\xb2", b"1_0", b" 12\t", b"12\x00", b"0.5", b"\xff"],
+)
+def test_raw_values_that_ascii_int_refuses_are_read_as_text(value: bytes) -> None:
+    indexed = Indexed(
+        {b"x-ratelimit-remaining-requests": value, b"x-ratelimit-reset-requests": b"6s"}
+    )
+    plain = {name: indexed[name] for name in indexed}
+    assert headroom(indexed, NOW, 20, 0.01, 1.0) == reference(plain, NOW, 20, 0.01, 1.0)
+
+
 OPENAI = {
     "x-ratelimit-limit-requests": "14400",
     "x-ratelimit-remaining-requests": "14399",
@@ -183,6 +241,8 @@ def test_headroom_common_answers(
     got = headroom(headers, NOW, 1, 0.01, 1.0)
     assert got == pytest.approx(expected)
     assert got == reference(headers, NOW, 1, 0.01, 1.0)
+    indexed = Indexed({name.encode(): value.encode() for name, value in headers.items()})
+    assert headroom(indexed, NOW, 1, 0.01, 1.0) == got
 
 
 def test_counts_past_two_to_the_53_compare_as_the_float_would() -> None:
