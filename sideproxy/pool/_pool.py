@@ -552,7 +552,7 @@ class ManagedCreditPool:
             key.backoff = 0.0
             self._set(key, KeyHealth.READY, None, now)
             return [self._transition(key, "Recovered")]
-        if not headers or (health is not _READY and health is not _LOW_HEADROOM):
+        if headers is None or (health is not _READY and health is not _LOW_HEADROOM):
             return []
         policy = self._policy
         until, spent = headroom(
@@ -562,24 +562,28 @@ class ManagedCreditPool:
             policy.headroom_fraction,
             policy.headroom_fallback,
         )
+        if until is None:  # (and so spent is None)
+            # Headroom: the common answer. A low mark from before goes, unless the headers
+            # were empty (an answer that says nothing clears nothing).
+            if model is not None:
+                state = key.limits.get(model)
+                if state is not None and state.low_until is not None and headers:
+                    self._set_model(key, model, state.cool_until, None, now)
+            elif health is _LOW_HEADROOM and headers:
+                self._set(key, KeyHealth.READY, None, now)
+            return []
         if spent is not None:
             # A budget at 0 with a known reset: the next request would earn a 429 for sure,
             # so the key (and its quotaScope, which shares the budget) rests until the reset.
             return self._rest(key, min(spent, now + policy.max_cooldown), now, model, "Spent")
-        if until is not None:
-            # Deprioritised, not out; still never for longer than any cool-down.
-            until = min(until, now + policy.max_cooldown)
+        # Deprioritised, not out; still never for longer than any cool-down.
+        until = min(until, now + policy.max_cooldown)
         if model is not None:
             state = key.limits.get(model)
-            if until is not None and (state is None or (state.low_until or 0) < until):
+            if state is None or (state.low_until or 0) < until:
                 self._set_model(key, model, state.cool_until if state else None, until, now)
-            elif until is None and state is not None and state.low_until is not None:
-                self._set_model(key, model, state.cool_until, None, now)
-        elif until is not None:
-            if key.health is not KeyHealth.LOW_HEADROOM or (key.until or 0) < until:
-                self._set(key, KeyHealth.LOW_HEADROOM, until, now)
-        elif key.health is KeyHealth.LOW_HEADROOM:
-            self._set(key, KeyHealth.READY, None, now)
+        elif health is not _LOW_HEADROOM or (key.until or 0) < until:
+            self._set(key, KeyHealth.LOW_HEADROOM, until, now)
         return []
 
     def _rest(
