@@ -253,3 +253,14 @@ def test_counts_past_two_to_the_53_compare_as_the_float_would() -> None:
     }
     assert headroom(headers, NOW, 1, 1.0, 1.0) == (NOW + 1.0, None)
     assert reference(headers, NOW, 1, 1.0, 1.0) == (NOW + 1.0, None)
+
+
+def test_many_distinct_limits_past_the_cache_read_the_same() -> None:
+    for _ in range(2):  # the second round reads the cached limits, and those past its cap
+        for limit in range(1000, 1400):
+            headers = {"x-ratelimit-limit-tokens": str(limit), "x-ratelimit-remaining-tokens": "12"}
+            expected = reference(headers, NOW, 1, 0.01, 1.0)
+            assert expected == ((NOW + 1.0, None) if limit >= 1200 else (None, None))
+            assert headroom(headers, NOW, 1, 0.01, 1.0) == expected
+            indexed = Indexed({name.encode(): value.encode() for name, value in headers.items()})
+            assert headroom(indexed, NOW, 1, 0.01, 1.0) == expected
