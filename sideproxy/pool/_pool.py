@@ -409,15 +409,15 @@ class ManagedCreditPool:
                 slot = entry & SLOT_MASK
                 live = lane.ready
                 if live.get(slot) == entry:
-                    key = self._slots[slot]
-                    if key.health is not _HALF_OPEN:
+                    top = self._slots[slot]
+                    if top.health is not _HALF_OPEN:
                         tier.vtime = entry >> SLOT_BITS
-                        key.picks += 1
-                        entry += key.stride << SLOT_BITS
+                        top.picks += 1
+                        entry += top.stride << SLOT_BITS
                         heapreplace(heap, entry)
                         live[slot] = entry
-                        key.requests += 1
-                        return key
+                        top.requests += 1
+                        return top
             key = self._pick(tier, heap, lane.ready, exclude, now)
             if key is None and tier.reserve:
                 key = self._pick(tier, tier.reserve, lane.reserve, exclude, now)
