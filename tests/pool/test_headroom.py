@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from sideproxy.pool._headers import (
     ANTHROPIC_DIMENSIONS,
+    _count,
     headroom,
     parse_go_duration,
     parse_rfc3339,
@@ -264,3 +265,17 @@ def test_many_distinct_limits_past_the_cache_read_the_same() -> None:
             assert headroom(headers, NOW, 1, 0.01, 1.0) == expected
             indexed = Indexed({name.encode(): value.encode() for name, value in headers.items()})
             assert headroom(indexed, NOW, 1, 0.01, 1.0) == expected
+
+
+@settings(max_examples=1000)
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789 _+-.e\t\u00a0\u0661\u00b2", max_size=18),
+        st.text(max_size=18),
+    )
+)
+def test_a_count_reads_as_its_float(text: str) -> None:
+    number = _seconds(text) if len(text) <= _MAX_HEADER else None
+    assert _count(text) == number  # an int where it can be, equal to the float
+    raw = text.encode("latin-1", "replace")
+    assert _count(raw) == _count(raw.decode("latin-1"))
