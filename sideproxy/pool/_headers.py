@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 # One Go duration component: "1.5h", "6m", "0s", "12ms", "250us".
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -168,32 +169,85 @@ def headroom(
 
     The first is as ``headroom_exhausted_until``. The second is set only when a budget's
     remaining is exactly 0 and the provider says when it resets: the next request would earn a
-    429 for sure, so the key rests until then. This runs on every successful response, so the
-    header names are precomputed.
+    429 for sure, so the key rests until then.
+
+    This runs on every successful response, so it does the least work for the common answer
+    (each budget absent, or well above its floor): one lookup per budget absent, two (remaining
+    and limit) per budget present, an ``int`` parse for a plain count, and the reset only when a
+    budget is low. ``tests/pool/test_headroom.py`` pins it to the plain reading of the rule.
+
+    A mapping that can hand over its own index, ``headers.raw_index()`` -> lower-case name
+    bytes to value bytes (the values its ``get`` decodes as latin-1), is read through that:
+    a dict lookup instead of a method call per header, and no decoding of the values.
     """
+    get: Callable[[Any], str | bytes | None]
+    budgets: _Budgets
+    raw_index = getattr(headers, "raw_index", None)
+    if raw_index is not None:
+        get = raw_index().get
+        budgets = _RAW_BUDGETS
+    else:
+        get = headers.get
+        budgets = _BUDGETS
     low: float | None = None
     spent: float | None = None
-    for remaining_name, limit_name, reset_name, counts_requests, parse_reset in _BUDGETS:
-        raw = headers.get(remaining_name)
+    for remaining_name, budget in budgets:
+        raw = get(remaining_name)
         if raw is None:
             continue
-        remaining = parse_seconds(raw) if len(raw) <= _MAX_HEADER else None
+        remaining = _count(raw)
         if remaining is None:
             continue
-        limit = _number(headers, limit_name)
-        is_low = (counts_requests and remaining <= floor) or (
-            limit is not None and limit > 0 and remaining <= limit * fraction
-        )
-        if not is_low and remaining > 0:
-            continue
-        reset_raw = headers.get(reset_name)
-        delay = parse_reset(reset_raw, now) if reset_raw is not None else None
+        limit_name, reset_name, counts_requests, parse_reset = budget
+        if remaining > 0 and not (counts_requests and remaining <= floor):
+            # Low only by the fraction of the announced limit.
+            raw = get(limit_name)
+            if raw is None:
+                continue
+            limit = _LIMITS.get(raw, _UNSEEN)
+            if limit is _UNSEEN:
+                limit = _count(raw)
+                if len(_LIMITS) < _MAX_LIMITS:
+                    _LIMITS[raw] = limit
+            if limit is None or limit <= 0 or remaining > limit * fraction:
+                continue
+        reset_raw = get(reset_name)
+        delay = parse_reset(_text(reset_raw), now) if reset_raw is not None else None
         known = delay is not None and delay > 0
         deadline = now + (delay if known else fallback)  # type: ignore[operator]
         low = deadline if low is None else max(low, deadline)
         if remaining <= 0 and known:
             spent = deadline if spent is None else max(spent, deadline)
     return low, spent
+
+
+# A provider announces the same few limits on every answer: their numbers, by header value.
+# The first _MAX_LIMITS values seen stay (a cache of a pure function, so only ever faster).
+_LIMITS: dict[str | bytes, float | None] = {}
+_MAX_LIMITS = 64
+_UNSEEN = -math.inf  # never a _count result (it returns finite numbers only)
+
+
+def _count(raw: str | bytes) -> float | None:
+    """A budget header's number, as ``parse_seconds`` reads it (None: not one, or too long).
+
+    A plain count of up to 15 characters ("14399") takes ``int``, twice as fast as ``float``;
+    such a count is below 10**15 < 2**53, so it compares exactly as its float would. Anything
+    else takes ``parse_seconds``. (``int`` of bytes reads only ASCII; whatever it refuses is
+    decoded and read as text.)
+    """
+    if len(raw) <= 15:
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+    elif len(raw) > _MAX_HEADER:
+        return None
+    return parse_seconds(_text(raw))
+
+
+def _text(raw: str | bytes) -> str:
+    return raw if isinstance(raw, str) else raw.decode("latin-1")
 
 
 def _go_reset(raw: str, now: float) -> float | None:
@@ -204,25 +258,33 @@ def _rfc_reset(raw: str, now: float) -> float | None:
     return parse_rfc3339(raw, now)
 
 
-_BUDGETS = tuple(
+# (remaining header, (limit header, reset header, counts requests, reset parser)): the
+# remaining header first, alone, since it is the only one read for a budget that is absent.
+# Names are str, or lower-case bytes for a raw_index().
+_Budgets = tuple[tuple[Any, tuple[Any, Any, bool, Callable[[str, float], float | None]]], ...]
+_BUDGETS: _Budgets = tuple(
     [
         (
             f"x-ratelimit-remaining-{d}",
-            f"x-ratelimit-limit-{d}",
-            f"x-ratelimit-reset-{d}",
-            d == "requests",
-            _go_reset,
+            (f"x-ratelimit-limit-{d}", f"x-ratelimit-reset-{d}", d == "requests", _go_reset),
         )
         for d in ("requests", "tokens")
     ]
     + [
         (
             f"anthropic-ratelimit-{d}-remaining",
-            f"anthropic-ratelimit-{d}-limit",
-            f"anthropic-ratelimit-{d}-reset",
-            d == "requests",
-            _rfc_reset,
+            (
+                f"anthropic-ratelimit-{d}-limit",
+                f"anthropic-ratelimit-{d}-reset",
+                d == "requests",
+                _rfc_reset,
+            ),
         )
         for d in ANTHROPIC_DIMENSIONS
     ]
+)
+# The same, as lower-case name bytes for a mapping's raw_index().
+_RAW_BUDGETS: _Budgets = tuple(
+    (remaining.encode(), (limit.encode(), reset.encode(), requests, parse))
+    for remaining, (limit, reset, requests, parse) in _BUDGETS
 )

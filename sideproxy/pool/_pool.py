@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping
+from heapq import heapreplace
 
 from sideproxy.pool._headers import headroom
 from sideproxy.pool._models import Matcher, compile_patterns, serves
@@ -49,6 +50,15 @@ _Entry = tuple[float, int, int, int, "Key"]
 SCALE = 1 << 32  # fixed-point virtual time: one unit is the stride of a weight-1 key
 SLOT_BITS = 32
 SLOT_MASK = (1 << SLOT_BITS) - 1
+
+# The members the request path tests on every pick and every answer, as module constants: on
+# Python 3.11 reading an enum member off its class (``KeyHealth.READY``) is a descriptor call,
+# ~70 ns each, a module global ~10 ns.
+_READY = KeyHealth.READY
+_LOW_HEADROOM = KeyHealth.LOW_HEADROOM
+_HALF_OPEN = KeyHealth.HALF_OPEN
+_OK = Outcome.OK
+_KEY_SCOPE = LimitScope.KEY
 
 _IN_ROTATION = frozenset({KeyHealth.READY, KeyHealth.HALF_OPEN, KeyHealth.LOW_HEADROOM})
 _PROBED = frozenset({KeyHealth.EXHAUSTED, KeyHealth.REVOKED})
@@ -391,7 +401,24 @@ class ManagedCreditPool:
         if lane.timers and lane.timers[0][0] <= now:
             self._expire_lane(lane, now)
         for tier in lane.tiers:
-            key = self._pick(tier, tier.ready, lane.ready, exclude, now)
+            heap = tier.ready
+            if heap and not exclude:
+                # The common pick, inline: the entry on top is live and its key is ready for
+                # more than one request (else _pick, which does the same and the rest).
+                entry = heap[0]
+                slot = entry & SLOT_MASK
+                live = lane.ready
+                if live.get(slot) == entry:
+                    top = self._slots[slot]
+                    if top.health is not _HALF_OPEN:
+                        tier.vtime = entry >> SLOT_BITS
+                        top.picks += 1
+                        entry += top.stride << SLOT_BITS
+                        heapreplace(heap, entry)
+                        live[slot] = entry
+                        top.requests += 1
+                        return top
+            key = self._pick(tier, heap, lane.ready, exclude, now)
             if key is None and tier.reserve:
                 key = self._pick(tier, tier.reserve, lane.reserve, exclude, now)
             if key is not None:
@@ -407,7 +434,9 @@ class ManagedCreditPool:
         exclude: Collection[str],
         now: float,
     ) -> Key | None:
-        skipped: list[int] = []
+        # acquire does the common case of this loop inline (top entry live, nothing excluded,
+        # not half-open): keep the two alike.
+        skipped: list[int] | None = None
         chosen: Key | None = None
         while heap:
             entry = heap[0]
@@ -417,11 +446,13 @@ class ManagedCreditPool:
                 continue
             key = self._slots[slot]
             if exclude and key.name in exclude:
+                if skipped is None:
+                    skipped = []
                 skipped.append(heapq.heappop(heap))
                 continue
             tier.vtime = entry >> SLOT_BITS
             key.picks += 1
-            if key.health is KeyHealth.HALF_OPEN:
+            if key.health is _HALF_OPEN:
                 # One probe at a time: out of rotation (every lane) until it is released.
                 heapq.heappop(heap)
                 key.probing = True
@@ -436,8 +467,9 @@ class ManagedCreditPool:
                 live[slot] = entry
             chosen = key
             break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        if skipped is not None:
+            for entry in skipped:
+                heapq.heappush(heap, entry)
         return chosen
 
     def next_recovery(self, provider: str, now: float, model: str | None = None) -> float | None:
@@ -501,9 +533,9 @@ class ManagedCreditPool:
         if current is not key:
             # Reconfigured with a new value while the request was in flight: not this key.
             return []
-        if self._policy.cooldown_scope is LimitScope.KEY:
+        if self._policy.cooldown_scope is _KEY_SCOPE:
             model = None
-        if outcome is Outcome.OK:
+        if outcome is _OK:
             return self._ok(key, now, headers, model)
         if outcome is Outcome.RATE_LIMITED:
             key.rate_limited += 1
@@ -535,11 +567,12 @@ class ManagedCreditPool:
     ) -> list[Transition]:
         key.failures = 0
         key.quota_backoff = 0.0  # a real answer: the quota is back for good
-        if key.health is KeyHealth.HALF_OPEN:
+        health = key.health
+        if health is _HALF_OPEN:
             key.backoff = 0.0
             self._set(key, KeyHealth.READY, None, now)
             return [self._transition(key, "Recovered")]
-        if not headers or key.health not in (KeyHealth.READY, KeyHealth.LOW_HEADROOM):
+        if headers is None or (health is not _READY and health is not _LOW_HEADROOM):
             return []
         policy = self._policy
         until, spent = headroom(
@@ -549,24 +582,28 @@ class ManagedCreditPool:
             policy.headroom_fraction,
             policy.headroom_fallback,
         )
+        if until is None:  # (and so spent is None)
+            # Headroom: the common answer. A low mark from before goes, unless the headers
+            # were empty (an answer that says nothing clears nothing).
+            if model is not None:
+                state = key.limits.get(model)
+                if state is not None and state.low_until is not None and headers:
+                    self._set_model(key, model, state.cool_until, None, now)
+            elif health is _LOW_HEADROOM and headers:
+                self._set(key, KeyHealth.READY, None, now)
+            return []
         if spent is not None:
             # A budget at 0 with a known reset: the next request would earn a 429 for sure,
             # so the key (and its quotaScope, which shares the budget) rests until the reset.
             return self._rest(key, min(spent, now + policy.max_cooldown), now, model, "Spent")
-        if until is not None:
-            # Deprioritised, not out; still never for longer than any cool-down.
-            until = min(until, now + policy.max_cooldown)
+        # Deprioritised, not out; still never for longer than any cool-down.
+        until = min(until, now + policy.max_cooldown)
         if model is not None:
             state = key.limits.get(model)
-            if until is not None and (state is None or (state.low_until or 0) < until):
+            if state is None or (state.low_until or 0) < until:
                 self._set_model(key, model, state.cool_until if state else None, until, now)
-            elif until is None and state is not None and state.low_until is not None:
-                self._set_model(key, model, state.cool_until, None, now)
-        elif until is not None:
-            if key.health is not KeyHealth.LOW_HEADROOM or (key.until or 0) < until:
-                self._set(key, KeyHealth.LOW_HEADROOM, until, now)
-        elif key.health is KeyHealth.LOW_HEADROOM:
-            self._set(key, KeyHealth.READY, None, now)
+        elif health is not _LOW_HEADROOM or (key.until or 0) < until:
+            self._set(key, KeyHealth.LOW_HEADROOM, until, now)
         return []
 
     def _rest(

@@ -109,6 +109,35 @@ def test_headroom_recovers_on_a_later_roomy_response() -> None:
     assert health(pool, "a") is KeyHealth.READY
 
 
+def test_only_an_answer_with_headers_clears_a_low_mark() -> None:
+    """Headers that name no budget clear a low mark (as a roomy budget does); none at all, or
+    an empty mapping, say nothing and leave it. Key-wide and per model alike."""
+    low = {"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "50s"}
+    pool = pool_of("a")
+    for headers in (None, {}):
+        use(pool, "a", Outcome.OK, low)
+        use(pool, "a", Outcome.OK, headers)
+        assert health(pool, "a") is KeyHealth.LOW_HEADROOM
+        use(pool, "a", Outcome.OK, {"content-type": "application/json"})
+        assert health(pool, "a") is KeyHealth.READY
+
+    def reserve(pool: ManagedCreditPool) -> bool:
+        lane = pool._groups["groq"].lanes["big"]
+        return bool(lane.reserve) and not lane.ready
+
+    pool = pool_of("a")
+    for headers in (None, {}):
+        key = pool.acquire("groq", NOW, model="big")
+        assert key is not None
+        pool.release(key, Outcome.OK, NOW, low, model="big")
+        assert reserve(pool)
+        pool.release(key, Outcome.OK, NOW, headers, model="big")
+        assert reserve(pool)
+        pool.release(key, Outcome.OK, NOW, {"content-type": "text/plain"}, model="big")
+        assert not reserve(pool)
+        assert health(pool, "a") is KeyHealth.READY
+
+
 def test_breaker_opens_probes_and_closes() -> None:
     pool = pool_of("a", "b", failure_threshold=3, breaker_backoff=10.0)
     for _ in range(2):
