@@ -106,6 +106,11 @@ class Headers(Mapping[str, str]):
         self._index = index
         return index
 
+    def raw_index(self) -> Mapping[bytes, bytes]:
+        """Lower-case name bytes -> value bytes: the pool's headroom reads it without decoding
+        (``pool._headers``, duck-typed)."""
+        return self._index if self._index is not None else self._build()
+
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         index = self._index if self._index is not None else self._build()
         value = index.get(_key(name))

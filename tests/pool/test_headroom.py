@@ -22,6 +22,7 @@ from sideproxy.pool._headers import (
     parse_go_duration,
     parse_rfc3339,
 )
+from sideproxy.proxy._exchange import Headers
 
 NOW = 1_800_000_000.0
 _MAX_HEADER = 64
@@ -279,3 +280,22 @@ def test_a_count_reads_as_its_float(text: str) -> None:
     assert _count(text) == number  # an int where it can be, equal to the float
     raw = text.encode("latin-1", "replace")
     assert _count(raw) == _count(raw.decode("latin-1"))
+
+
+@settings(max_examples=200)
+@given(
+    budget_headers(),
+    st.integers(-1, 100),
+    st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 2.0]),
+    st.sampled_from([0.0, 1.0, 5.5]),
+)
+def test_headroom_through_the_proxys_headers_is_the_plain_rule(
+    headers: dict[str, str], floor: int, fraction: float, fallback: float
+) -> None:
+    # The mapping the proxy really passes (it offers raw_index()), names as providers spell them.
+    wire = Headers([(name.title().encode(), _wire(value)) for name, value in headers.items()])
+    assert hasattr(wire, "raw_index")
+    plain = {name: wire[name] for name in wire}
+    assert headroom(wire, NOW, floor, fraction, fallback) == reference(
+        plain, NOW, floor, fraction, fallback
+    )
