@@ -56,19 +56,36 @@ def parse_target(raw: str) -> tuple[str | None, str, str]:
     return parse_path(path, query)
 
 
+# Paths that passed, and what they parse to: a fleet sends a handful of paths over and over, and
+# the check is a regex over the whole path. Bounded: emptied when full, so a client sending
+# endless distinct paths costs a miss each, never memory.
+_PASSED: dict[str, tuple[str | None, str]] = {}
+_PASSED_MAX = 1024
+
+
 def parse_path(path: str, query: str) -> tuple[str | None, str, str]:
     """:func:`parse_target` for a target already split at its ``?``."""
-    if not path.startswith("/") or _UNSAFE.search(path) is not None:
-        raise BadRequest("request path is not allowed", code="invalid_path")
+    passed = _PASSED.get(path)
+    if passed is None:
+        passed = _parse(path)
+        if len(_PASSED) >= _PASSED_MAX:
+            _PASSED.clear()
+        _PASSED[path] = passed
     if query and _UNSAFE_QUERY.search(query) is not None:
         raise BadRequest("request query string is not allowed", code="invalid_path")
+    return passed[0], passed[1], query
+
+
+def _parse(path: str) -> tuple[str | None, str]:
+    if not path.startswith("/") or _UNSAFE.search(path) is not None:
+        raise BadRequest("request path is not allowed", code="invalid_path")
     if path.startswith("/v1/") or path == "/v1":
-        return None, path[3:], query
+        return None, path[3:]
     second = path.find("/", 1)
     if second > 0:
         tail = path[second:]
         if tail.startswith("/v1/") or tail == "/v1":
-            return path[1:second], tail[3:], query
+            return path[1:second], tail[3:]
     raise NotFound(
         f"no route for {path[:200]}: use /v1/... or /<provider>/v1/...", code="unknown_route"
     )

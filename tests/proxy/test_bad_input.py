@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from sideproxy.fake_provider import FakeProvider
-from sideproxy.proxy import ProxySettings
+from sideproxy.proxy import ProxySettings, _paths
 from sideproxy.proxy._errors import BadRequest, NotFound
 from sideproxy.proxy._paths import parse_target
 from tests.proxy.conftest import (
@@ -208,3 +208,15 @@ def test_parse_target_rejects_unsafe(raw: str) -> None:
 def test_parse_target_rejects_unsafe_queries(raw: str) -> None:
     with pytest.raises(BadRequest):
         parse_target(raw)
+
+
+def test_a_path_parses_the_same_when_remembered_and_the_memory_stays_bounded() -> None:
+    first = parse_target("/groq/v1/chat/completions?a=1")
+    assert parse_target("/groq/v1/chat/completions?b=2") == (first[0], first[1], "b=2")
+    # Remembering a path never lets an unsafe query through with it.
+    with pytest.raises(BadRequest):
+        parse_target("/groq/v1/chat/completions?a=\x7f")
+    for n in range(3 * _paths._PASSED_MAX):
+        parse_target(f"/v1/models/m{n}")
+    assert len(_paths._PASSED) <= _paths._PASSED_MAX
+    assert parse_target("/groq/v1/chat/completions") == ("groq", "/chat/completions", "")
