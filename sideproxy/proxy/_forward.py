@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from sideproxy.proxy._metrics import Metrics
     from sideproxy.proxy._settings import ProxySettings
 
-__all__ = ["Forwarder", "TransitionHook"]
+__all__ = ["UNAUTHORIZED", "Forwarder", "TransitionHook"]
 
 TransitionHook = Callable[[list[Transition]], None]
 
@@ -88,7 +88,7 @@ log = logging.getLogger("sideproxy.proxy")
 _monotonic = time.monotonic
 _STATUS = {status: str(status) for status in range(200, 300)}  # metric labels, made once
 
-_UNAUTHORIZED = (
+UNAUTHORIZED = (
     "missing or invalid virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
 )
 
@@ -265,7 +265,7 @@ class Forwarder:
         prefix, rest, query = parse_path(inbound.path, inbound.query)
         identity = compiled.virtual_keys.identify(inbound.headers)
         if identity is None:
-            raise Unauthorized(_UNAUTHORIZED)
+            raise Unauthorized(UNAUTHORIZED)
         upstream = upstream_of(compiled, prefix)
         ctx.provider = upstream.provider
         ctx.compiled = compiled

@@ -48,12 +48,13 @@ from sideproxy.proxy._errors import (
     NotFound,
     ProxyError,
     RequestTimeout,
+    Unauthorized,
     error_response,
 )
 from sideproxy.proxy._exchange import Headers, Inbound, UpstreamFailure
-from sideproxy.proxy._forward import Forwarder, TransitionHook
+from sideproxy.proxy._forward import UNAUTHORIZED, Forwarder, TransitionHook
 from sideproxy.proxy._settings import ProxySettings
-from sideproxy.proxy.http import Cycle, HttpServer, Limits, Request, UpstreamClient
+from sideproxy.proxy.http import Cycle, HttpServer, Limits, Refusal, Request, UpstreamClient
 from sideproxy.proxy.http._wire import error_answer
 from sideproxy.proxy.sources import ConfigSource
 
@@ -173,17 +174,30 @@ class Front:
             return
         await self._forwarder.handle(inbound, cycle)
 
+    def screen(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
+        """Before a large or unsized body is read: a request without a valid virtual key is
+        refused unread (the server then answers through ``refuse``, logged and counted)."""
+        compiled = self._forwarder.compiled
+        if compiled is None:
+            return None  # not ready: the request path answers 503 once the body is in
+        path = target.partition(b"?")[0].decode("utf-8", "surrogateescape")
+        if path in OPS_PATHS or compiled.virtual_keys.identify(Headers(headers)) is not None:
+            return None
+        return 401, UNAUTHORIZED, Unauthorized.code
+
     async def refuse(
         self, request: Request, cycle: Cycle, status: int, message: str, code: str
     ) -> None:
-        """413 / 408 from the server, answered (and logged, counted) by the forwarder."""
+        """413 / 408 / 401 from the server, answered (and logged, counted) by the forwarder."""
         target = request.target.decode("utf-8", "surrogateescape")
         path, _, query = target.partition("?")
-        error: ProxyError = (
-            BodyTooLarge(message)
-            if status == 413
-            else RequestTimeout(message, headers={"Connection": "close"})
-        )
+        error: ProxyError
+        if status == 413:
+            error = BodyTooLarge(message)
+        elif status == 401:
+            error = Unauthorized(message, headers={"Connection": "close"})
+        else:
+            error = RequestTimeout(message, headers={"Connection": "close"})
         await self._forwarder.refuse(_inbound(request, path, query), cycle, error)
 
     async def _relay(self, request: Request, cycle: Cycle, target: str) -> None:
@@ -263,7 +277,9 @@ async def _serving(
         forwarder = app[FORWARDER]
         forwarder.client = client
         front = Front(forwarder, client)
-        server = HttpServer(front.handle, Limits.from_settings(settings), front.refuse)
+        server = HttpServer(
+            front.handle, Limits.from_settings(settings), front.refuse, front.screen
+        )
         bound = await server.listen(host, port, reuse_port=reuse_port)
         try:
             yield bound

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from sideproxy.proxy._exchange import ClientGone
-from sideproxy.proxy.http import Cycle, HttpServer, Limits, Request
+from sideproxy.proxy.http import SCREEN_ABOVE, Cycle, HttpServer, Limits, Refusal, Request
 from tests.http.conftest import Conn, Serve, echo
 
 Connect = Callable[[int], Awaitable[Conn]]
@@ -460,3 +460,79 @@ async def test_connect_and_upgrade_are_answered_then_closed_never_tunnelled(
     assert b"smuggled" not in body
     assert b"Connection: close" in response_head
     assert await conn.closed()
+
+
+class _Screen:
+    """A screen that refuses heads without ``X-Key: ok`` and remembers what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+
+    def __call__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
+        self.asked.append(target)
+        if (b"X-Key", b"ok") in headers:
+            return None
+        return 401, "no key", "invalid_virtual_key"
+
+
+async def _screened(screen: _Screen, handled: list[bytes]) -> tuple[HttpServer, int]:
+    async def handler(request: Request, cycle: Cycle) -> None:
+        handled.append(request.body)
+        await echo(request, cycle)
+
+    server = HttpServer(handler, Limits(), screen=screen)
+    (_, port), *_ = await server.listen("127.0.0.1", 0)
+    return server, port
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: %d\r\n" % (8 << 20), b"Transfer-Encoding: chunked\r\n"],
+    ids=["large", "chunked"],
+)
+async def test_a_screened_head_is_refused_before_its_body_is_read(
+    connect: Connect, framing: bytes
+) -> None:
+    screen, handled = _Screen(), []
+    server, port = await _screened(screen, handled)
+    try:
+        conn = await connect(port)
+        # The head alone, and it says 100-continue: the client waits before sending 8 MiB.
+        await conn.send(
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\n%bExpect: 100-continue\r\n\r\n" % framing
+        )
+        status, head, body = await conn.response()
+        assert (status, code_of(body)) == (401, "invalid_virtual_key")  # no 100 before it
+        assert b"Connection: close" in head
+        assert await conn.closed()
+        assert screen.asked == [b"/v1/x"]
+        assert handled == []
+    finally:
+        await server.shutdown(0.5)
+
+
+async def test_a_screened_head_that_passes_reads_its_body_and_small_bodies_are_not_screened(
+    connect: Connect,
+) -> None:
+    screen, handled = _Screen(), []
+    server, port = await _screened(screen, handled)
+    size = SCREEN_ABOVE + 1
+    try:
+        conn = await connect(port)
+        await conn.send(
+            b"POST /v1/big HTTP/1.1\r\nHost: x\r\nX-Key: ok\r\nContent-Length: %d\r\n"
+            b"Expect: 100-continue\r\n\r\n" % size
+        )
+        status, _, _ = await conn.response()
+        assert status == 100
+        await conn.send(b"a" * size)
+        status, _, body = await conn.response()
+        assert (status, body) == (200, b"POST /v1/big %d 4" % size)
+        # A body the size of a chat request is read without asking: the handler decides.
+        await conn.send(b"POST /v1/small HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        status, _, body = await conn.response()
+        assert (status, body) == (200, b"POST /v1/small 5 2")
+        assert screen.asked == [b"/v1/big"]
+        assert handled == [b"a" * size, b"hello"]
+    finally:
+        await server.shutdown(0.5)

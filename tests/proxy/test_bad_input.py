@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -85,6 +87,58 @@ async def test_oversized_chunked_body_is_413(guarded: Proxy, http: aiohttp.Clien
     )
     assert resp.status == 413
     assert _shape(await resp.read())["code"] == "body_too_large"
+
+
+async def _head_only(proxy: Proxy, key: str, *, then: bytes = b"") -> bytes:
+    """A chat request's head declaring 8 MiB and asking 100-continue; ``then`` is sent after
+    the first answer. Everything the proxy wrote until it closed (or 5 s of silence)."""
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer %b\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % (key.encode(), 8 << 20)
+        )
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if then:
+            writer.write(then)
+        with contextlib.suppress(TimeoutError):
+            return first + await asyncio.wait_for(reader.read(), 5)
+        return first
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_large_body_without_a_valid_virtual_key_is_401_before_it_is_read(
+    fake: FakeProvider, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        snapshot(manifests({"custom": fake.base_url}, keys(2), virtual_keys=[VIRTUAL_KEY]))
+    )
+    answer = await _head_only(proxy, "not-a-key")
+    assert answer.startswith(b"HTTP/1.1 401 ")  # no 100 Continue: the 8 MiB never come
+    assert _shape(answer.partition(b"\r\n\r\n")[2])["code"] == "invalid_virtual_key"
+    assert b"Connection: close" in answer
+    assert fake.stats() == {}
+    metrics = await (await http.get(proxy.url + "/metrics")).text()
+    assert 'sideproxy_requests_total{provider="-",status="401"} 1.0' in metrics
+
+
+async def test_a_large_body_with_a_valid_virtual_key_is_read(
+    fake: FakeProvider, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        snapshot(manifests({"custom": fake.base_url}, keys(2), virtual_keys=[VIRTUAL_KEY]))
+    )
+    start, end = b'{"model": "m", "messages": [], "pad": "', b'"}'
+    body = start + b"x" * ((8 << 20) - len(start) - len(end)) + end
+    answer = await _head_only(proxy, VIRTUAL_KEY, then=body)
+    assert answer.startswith(b"HTTP/1.1 100 Continue")
+    assert b"HTTP/1.1 200 OK" in answer  # read whole, sent upstream, answered
+    assert sum(fake.stats().values()) == 1
 
 
 async def test_unknown_provider_prefix_is_404(guarded: Proxy, http: aiohttp.ClientSession) -> None:

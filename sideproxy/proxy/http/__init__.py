@@ -13,16 +13,26 @@ from sideproxy.proxy.http._client import UpstreamClient
 from sideproxy.proxy.http._cycle import Cycle, Request
 from sideproxy.proxy.http._flow import FlowControl
 from sideproxy.proxy.http._limits import Limits
-from sideproxy.proxy.http._server import Handler, HttpServer, ServerProtocol
+from sideproxy.proxy.http._server import (
+    SCREEN_ABOVE,
+    Handler,
+    HttpServer,
+    Refusal,
+    Screen,
+    ServerProtocol,
+)
 from sideproxy.proxy.http._tls import client_context
 
 __all__ = [
+    "SCREEN_ABOVE",
     "Cycle",
     "FlowControl",
     "Handler",
     "HttpServer",
     "Limits",
+    "Refusal",
     "Request",
+    "Screen",
     "ServerProtocol",
     "UpstreamClient",
     "client_context",

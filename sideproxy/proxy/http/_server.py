@@ -5,8 +5,11 @@ What it does (docs/server-behavior.md, pinned by tests/http/test_server.py):
 - keep-alive by default for HTTP/1.1; ``Connection: close`` or HTTP/1.0: close after the answer;
 - the whole body is read (Content-Length or chunked) before the handler runs, within
   ``body_timeout`` from the end of the headers (408 after that), up to ``max_body`` (413);
-- ``Expect: 100-continue``: ``100 Continue`` once the head is accepted (413 instead if the
-  declared length is over the limit);
+- a body over ``SCREEN_ABOVE`` declared bytes, or chunked, is read only once the server's
+  ``screen`` (the proxy: is the virtual key valid?) accepted the head; a refused one is answered
+  unread and the connection closes, so no one without a key makes the proxy buffer megabytes;
+- ``Expect: 100-continue``: ``100 Continue`` once the head is accepted (413, or the screen's
+  refusal, instead);
 - pipelining is handled: requests that arrive while one is answered queue up (reading pauses
   while any wait) and are answered in order;
 - limits: request line and each header line ``max_line`` bytes, ``max_headers`` lines, the head
@@ -36,14 +39,31 @@ from sideproxy.proxy.http._cycle import Cycle, Request
 from sideproxy.proxy.http._flow import FlowControl
 from sideproxy.proxy.http._limits import Limits
 
-__all__ = ["LAST_WORDS", "Handler", "HttpServer", "Refuse", "ServerProtocol"]
+__all__ = [
+    "LAST_WORDS",
+    "SCREEN_ABOVE",
+    "Handler",
+    "HttpServer",
+    "Refusal",
+    "Refuse",
+    "Screen",
+    "ServerProtocol",
+]
 
 log = logging.getLogger("sideproxy.server")
 
 Handler = Callable[[Request, Cycle], Awaitable[None]]
-# Answers a request the server refused to read on (413, 408): (request, responder, status,
-# message, code). Without one the server writes the error itself.
+# Answers a request the server refused to read on (413, 408, or what the screen said): (request,
+# responder, status, message, code). Without one the server writes the error itself.
 Refuse = Callable[[Request, Cycle, int, str, str], Awaitable[None]]
+# (status, message, code) of a request refused before its body is read.
+Refusal = tuple[int, str, str]
+# Looks at a request's head (target, header lines) before a large or unsized body is read:
+# a Refusal refuses it unread, None lets the body come.
+Screen = Callable[[bytes, list[tuple[bytes, bytes]]], Refusal | None]
+# Bodies up to this many declared bytes are read without asking the screen: small ones cost
+# nothing to read, and the request path checks them anyway.
+SCREEN_ABOVE = 64 * 1024
 
 _CONTENT_LENGTH = b"content-length"
 _EXPECT = b"expect"
@@ -196,18 +216,26 @@ class ServerProtocol(asyncio.Protocol):
         self._ka_deadline = None  # the timer, if pending, sees this and does nothing
         has_body = False
         expect = False
+        declared = -1  # no Content-Length (chunked: no telling how much will come)
         for name, value in self._headers:
             size = len(name)
             if size == 14 and name.lower() == _CONTENT_LENGTH:
-                if int(value) > self._limits.max_body:
+                declared = int(value)
+                if declared > self._limits.max_body:
                     self._refuse(413, self._too_large(), "body_too_large")
                     raise _Stop
-                has_body = value != b"0"
+                has_body = declared > 0
             elif size == 17 and name.lower() == _TRANSFER_ENCODING:
                 has_body = True
             elif size == 6 and name.lower() == _EXPECT:
                 expect = value.lower() == _100_CONTINUE
         if has_body:
+            screen = self._server.screen
+            if screen is not None and (declared < 0 or declared > SCREEN_ABOVE):
+                refusal = screen(self._url, self._headers)
+                if refusal is not None:  # e.g. no valid virtual key: the body is not worth reading
+                    self._refuse(*refusal)
+                    raise _Stop
             if expect and self.parser.get_http_version() == "1.1":
                 self.transport.write(_wire.CONTINUE)
             # Armed when this data ends mid-body (data_received): most bodies arrive whole.
@@ -408,10 +436,15 @@ class HttpServer:
     """Listens, tracks connections and running cycles, and stops gracefully."""
 
     def __init__(
-        self, handler: Handler, limits: Limits | None = None, refuse: Refuse | None = None
+        self,
+        handler: Handler,
+        limits: Limits | None = None,
+        refuse: Refuse | None = None,
+        screen: Screen | None = None,
     ) -> None:
         self.handler = handler
         self.refuse = refuse
+        self.screen = screen
         self.limits = limits or Limits()
         self.loop = asyncio.get_running_loop()
         self.connections: set[ServerProtocol] = set()
