@@ -10,7 +10,8 @@ Endpoints::
                              revoked / there are none
     /metrics                 Prometheus text, from the app's own registry
     /sideproxy/status        JSON: table version and hash, providers, each key's health (names
-    /status                  and fingerprints only); needs the virtual key when auth is on
+    /status                  and fingerprints only), each route's targets and whether each can
+                             serve now; needs the virtual key when auth is on
     /v1/..., /<provider>/v1/...   the proxy (see ``sideproxy.proxy._paths``)
 
 Lifecycle (``cleanup_ctx``, in order): the upstream ``ClientSession`` (one per process), the
@@ -35,6 +36,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sideproxy.models import TableRoute
 from sideproxy.pool import ManagedCreditPool
 from sideproxy.proxy._aio import AioUpstream, handler, upstream_session
 from sideproxy.proxy._compile import Compiled, CompileError, compile_snapshot
@@ -250,11 +252,29 @@ class ConfigRuntime:
                 providers={p: u.base for p, u in sorted(compiled.upstreams.items())},
                 client_auth=compiled.virtual_keys.required,
                 held_back=list(compiled.held_back),
+                routes=[self._route_status(route, now) for route in table.routes or ()],
             )
         if self.last_rejected is not None:
             body["last_rejected"] = {"at": self.last_rejected[0], "reason": self.last_rejected[1]}
         body["keys"] = [{**asdict(s), "health": str(s.health)} for s in self.pool.statuses(now)]
         return body
+
+    def _route_status(self, route: TableRoute, now: float) -> dict[str, Any]:
+        """A route and each target: may it serve now, else when (None: not by itself)."""
+        targets = []
+        for t in route.targets:
+            at = self.pool.next_recovery(t.provider, now, model=t.model)
+            targets.append(
+                {
+                    "provider": t.provider,
+                    "model": t.model,
+                    "order": t.order,
+                    "weight": t.weight,
+                    "available": at is not None and at <= now,
+                    "until": at if at is not None and at > now else None,
+                }
+            )
+        return {"model": route.model, "targets": targets}
 
 
 RUNTIME = web.AppKey("sideproxy.runtime", ConfigRuntime)

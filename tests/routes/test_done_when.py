@@ -80,9 +80,18 @@ async def test_every_groq_key_cooling_sends_all_of_fast_to_openai(tmp_path: Path
         ) as client:
             # The first request meets both Groq 429s and is answered by OpenAI.
             assert await _chat(client, "fast") == ("openai/gpt-4o-mini", MINI)
-            keys = {k["name"]: k for k in (await _status(served))["keys"]}
+            status = await _status(served)
+            keys = {k["name"]: k for k in status["keys"]}
             for name in ("groq-0", "groq-1"):
                 assert [m for m, _ in keys[name]["cooling"]] == [LLAMA], keys[name]
+            # The route shows which target serves now, and when the other may again.
+            (route,) = status["routes"]
+            assert route["model"] == "fast"
+            groq_target, openai_target = route["targets"]
+            assert (groq_target["provider"], groq_target["available"]) == ("groq", False)
+            assert groq_target["until"] > status["now"] + 60  # retry-after: 120
+            assert (openai_target["provider"], openai_target["available"]) == ("openai", True)
+            assert openai_target["until"] is None
             groq_before = len(groq.fake.calls)
 
             plain = await asyncio.gather(*(_chat(client, "fast") for _ in range(30)))
