@@ -138,13 +138,17 @@ def budget_headers(draw: st.DrawFn) -> dict[str, str]:
     return headers
 
 
-@settings(max_examples=500)
-@given(
+# Headers, and the policy's floor, fraction and fallback: what every comparison below draws.
+_POLICIES = given(
     budget_headers(),
     st.integers(-1, 100),
     st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 2.0]),
     st.sampled_from([0.0, 1.0, 5.5]),
 )
+
+
+@settings(max_examples=500)
+@_POLICIES
 def test_headroom_is_the_plain_rule(
     headers: dict[str, str], floor: int, fraction: float, fallback: float
 ) -> None:
@@ -182,12 +186,7 @@ def _wire(value: str) -> bytes:
 
 
 @settings(max_examples=500)
-@given(
-    budget_headers(),
-    st.integers(-1, 100),
-    st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 2.0]),
-    st.sampled_from([0.0, 1.0, 5.5]),
-)
+@_POLICIES
 def test_headroom_through_a_raw_index_is_the_plain_rule(
     headers: dict[str, str], floor: int, fraction: float, fallback: float
 ) -> None:
@@ -283,12 +282,7 @@ def test_a_count_reads_as_its_float(text: str) -> None:
 
 
 @settings(max_examples=200)
-@given(
-    budget_headers(),
-    st.integers(-1, 100),
-    st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 2.0]),
-    st.sampled_from([0.0, 1.0, 5.5]),
-)
+@_POLICIES
 def test_headroom_through_the_proxys_headers_is_the_plain_rule(
     headers: dict[str, str], floor: int, fraction: float, fallback: float
 ) -> None:
