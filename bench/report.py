@@ -255,6 +255,10 @@ def _pick_cases(pick_ns: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {"": pick_ns}
 
 
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} ms"
+
+
 def s6(res: dict[str, Any]) -> list[str]:
     s = res["scenarios"].get("6_cluster")
     if not s:
@@ -268,12 +272,12 @@ def s6(res: dict[str, Any]) -> list[str]:
         "From a 429 on replica A to every replica avoiding the key (real kube-apiserver, operator "
         "and proxies as processes):",
         "",
-        "| p50 | p90 | max | 429 → table written (p50) | table → last replica (p50) |",
+        "| p50 | p90 | max | 429 → ReplicaReport written (p50) | report → last replica (p50) |",
         "| ---: | ---: | ---: | ---: | ---: |",
         f"| {s['p50_ms']:.0f} ms | {s.get('p90_ms', float('nan')):.0f} ms "
         f"| {s.get('max_ms', float('nan')):.0f} ms "
-        f"| {stages.get('429_to_table_written_p50_ms') or float('nan'):.0f} ms "
-        f"| {stages.get('table_to_last_replica_p50_ms') or float('nan'):.0f} ms |",
+        f"| {_ms(stages.get('429_to_report_written_p50_ms'))} "
+        f"| {_ms(stages.get('report_to_last_replica_p50_ms'))} |",
         "",
     ]
 
