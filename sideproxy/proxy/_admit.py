@@ -28,8 +28,8 @@ stops publishing: after ``ACTIVE_GRACE`` it no longer counts as active, and what
 claimed but not used is freed (its last reported usage still counts until the window ends).
 ``maxConcurrent`` is split between the active replicas by rank (they sum to the limit).
 
-The core here is pure: ``now`` comes from the clock passed in, there is no I/O; the publisher
-and the watcher (``_vkshare``) feed it.
+The core here is pure: ``now`` comes from the clock passed in, there is no I/O; the replica's
+report channel feeds it (``_vkshare.UsagePart`` publishes its claims and hands it the others').
 """
 
 from __future__ import annotations
