@@ -21,6 +21,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from upstream import COMPLETION  # bench/upstream.py (this folder is on sys.path)
+
 from sideproxy import translate
 from sideproxy.pool import ManagedCreditPool
 from sideproxy.proxy import ProxySettings, Snapshot, configure_logging
@@ -32,22 +34,7 @@ from sideproxy.proxy._metrics import Metrics
 BODY = json.dumps(
     {"messages": [{"role": "user", "content": "Say hello in one word."}], "model": "llama-3"}
 ).encode()
-ANSWER = json.dumps(  # what bench/upstream.py answers: a provider's shape, usage included
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": "llama-3",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Hello from the bench upstream."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
-    }
-).encode()
+ANSWER = COMPLETION  # what the benchmarks' fake provider answers: usage included
 REQUEST_HEADERS: RawHeaders = [
     (b"Host", b"127.0.0.1:8080"),
     (b"Content-Type", b"application/json"),

@@ -204,11 +204,7 @@ def headroom(
             raw = get(limit_name)
             if raw is None:
                 continue
-            limit = _LIMITS.get(raw, _UNSEEN)
-            if limit is _UNSEEN:
-                limit = _count(raw)
-                if len(_LIMITS) < _MAX_LIMITS:
-                    _LIMITS[raw] = limit
+            limit = _count(raw)
             if limit is None or limit <= 0 or remaining > limit * fraction:
                 continue
         reset_raw = get(reset_name)
@@ -219,13 +215,6 @@ def headroom(
         if remaining <= 0 and known:
             spent = deadline if spent is None else max(spent, deadline)
     return low, spent
-
-
-# A provider announces the same few limits on every answer: their numbers, by header value.
-# The first _MAX_LIMITS values seen stay (a cache of a pure function, so only ever faster).
-_LIMITS: dict[str | bytes, float | None] = {}
-_MAX_LIMITS = 64
-_UNSEEN = -math.inf  # never a _count result (it returns finite numbers only)
 
 
 def _count(raw: str | bytes) -> float | None:

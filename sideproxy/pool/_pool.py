@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping
-from heapq import heapreplace
 
 from sideproxy.pool._headers import headroom
 from sideproxy.pool._models import Matcher, compile_patterns, serves
@@ -401,24 +400,7 @@ class ManagedCreditPool:
         if lane.timers and lane.timers[0][0] <= now:
             self._expire_lane(lane, now)
         for tier in lane.tiers:
-            heap = tier.ready
-            if heap and not exclude:
-                # The common pick, inline: the entry on top is live and its key is ready for
-                # more than one request (else _pick, which does the same and the rest).
-                entry = heap[0]
-                slot = entry & SLOT_MASK
-                live = lane.ready
-                if live.get(slot) == entry:
-                    top = self._slots[slot]
-                    if top.health is not _HALF_OPEN:
-                        tier.vtime = entry >> SLOT_BITS
-                        top.picks += 1
-                        entry += top.stride << SLOT_BITS
-                        heapreplace(heap, entry)
-                        live[slot] = entry
-                        top.requests += 1
-                        return top
-            key = self._pick(tier, heap, lane.ready, exclude, now)
+            key = self._pick(tier, tier.ready, lane.ready, exclude, now)
             if key is None and tier.reserve:
                 key = self._pick(tier, tier.reserve, lane.reserve, exclude, now)
             if key is not None:
@@ -434,8 +416,6 @@ class ManagedCreditPool:
         exclude: Collection[str],
         now: float,
     ) -> Key | None:
-        # acquire does the common case of this loop inline (top entry live, nothing excluded,
-        # not half-open): keep the two alike.
         skipped: list[int] | None = None
         chosen: Key | None = None
         while heap:
